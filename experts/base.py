@@ -102,6 +102,10 @@ class DiscriminativeExpert:
     e.g. log p(yes | image, question) for a VLM judge or a classifier's log-probability.
     ``differentiable`` says whether autograd through ``fn`` gives a usable gradient (gradient twisting,
     training losses); black-box rewards set it False.
+    ``noisy=True`` marks a noise-aware potential (e.g. a classifier trained on noised inputs): it is
+    called as ``fn(x_t, sigma)`` on the current noisy latents (model coordinates) and per-sample sigma
+    (N,) instead of on x0 — the exact twisting function log p(y | x_t) of twisted SMC (Wu et al. 2023);
+    at the final level it receives the clean sample and sigma 0.
     """
 
     fn: Callable[[torch.Tensor], torch.Tensor]
@@ -110,8 +114,11 @@ class DiscriminativeExpert:
     differentiable: bool = False
     name: str = "judge"
     info: dict = field(default_factory=dict)
+    noisy: bool = False
 
     def __post_init__(self):
+        if self.noisy and self.space != LATENT:
+            raise ValueError(f"judge {self.name!r}: a noise-aware (noisy) judge must work on latents")
         if self.space not in (LATENT, PIXEL):
             raise ValueError(f"judge {self.name!r}: space must be 'latent' or 'pixel', got {self.space!r}")
         if not math.isfinite(float(self.weight)):
@@ -122,8 +129,12 @@ def evaluate_potentials(
     judges: list[DiscriminativeExpert],
     x0: torch.Tensor,
     decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    x_t: Optional[torch.Tensor] = None,
+    sigma: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sum_j weight_j * r_j(x0) for a batch, decoding once for all pixel-space judges.
+
+    Noise-aware judges get ``(x_t, sigma)`` instead (x_t defaults to x0 with sigma 0).
 
     Raises a clear error for a missing decoder, a wrongly shaped result or a NaN potential
     (-inf is allowed: it means 'impossible' and is handled by the weights).
@@ -140,6 +151,10 @@ def evaluate_potentials(
             if pixels is None:
                 pixels = decode(x0)
             value = judge.fn(pixels)
+        elif judge.noisy:
+            xt = x0 if x_t is None else x_t
+            sig = torch.zeros(n, dtype=xt.dtype, device=xt.device) if sigma is None else sigma
+            value = judge.fn(xt, sig)
         else:
             value = judge.fn(x0)
         value = torch.as_tensor(value)

@@ -201,9 +201,19 @@ def combine_denoised(x: torch.Tensor, sigma, components, parameterization: str) 
     for denoised, w in components:
         target = (1 - s) * denoised if flow else denoised
         acc = acc + w * (target - x)
-    if flow:
+    if not flow:
+        return x + acc
+    pure_noise = torch.as_tensor(s >= 1.0)
+    if not bool(pure_noise.any()):
         return (x + acc) / (1 - s)
-    return x + acc
+    # At σ = 1 (infinite VE noise) each expert is ≈ N(D_k, σ²) around its prediction, so the product is
+    # centred on the Λ-weighted mean of the predictions; the general formula would be 0/0 there.
+    lam = torch.zeros_like(x)
+    mean = torch.zeros_like(x)
+    for denoised, w in components:
+        lam = lam + w
+        mean = mean + w * denoised
+    return torch.where(pure_noise, mean / lam, (x + acc) / torch.where(pure_noise, torch.ones_like(s), 1 - s))
 
 
 def weight_sum(components, like: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,8 @@ class GaussianMixture:
     # -- noised marginal -------------------------------------------------------------------------
     def _per_component(self, x: torch.Tensor, sigma):
         """Rotated offsets z = Uᵀ(x - μ_k), variances λ + σ², component log-densities (N, K)."""
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"points of shape {tuple(x.shape)} do not fit a mixture of dimension {self.dim}")
         x = x.to(torch.float64)
         n = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
@@ -153,6 +155,7 @@ class GMMDenoiser:
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         if is_flow(self.parameterization):
+            sigma = sigma.clamp_max(1.0 - 1e-7)  # σ = 1 is pure noise: the limit is the prior mean
             y = x.to(torch.float64) / (1 - sigma)[:, None]
             sigma_ve = sigma / (1 - sigma)
         else:
@@ -175,6 +178,22 @@ class GMMDenoiser:
         return mixture.log_prob(y, sigma / (1 - sigma)) + jac
 
 
+def random_mixture(dim: int, components: int = 3, generator: Optional[torch.Generator] = None,
+                   spread: float = 2.0, scale: float = 0.3) -> GaussianMixture:
+    """A random isotropic mixture: means ~ N(0, spread²), variances scale·exp(N(0,1)), weights U(0.3, 1.3)."""
+    means = torch.randn(components, dim, generator=generator, dtype=torch.float64) * spread
+    var = torch.exp(torch.randn(components, generator=generator, dtype=torch.float64)) * scale
+    weights = torch.rand(components, generator=generator, dtype=torch.float64) + 0.3
+    return GaussianMixture(means, var, weights)
+
+
+def random_product_problem(dim: int, seed: int, components: int = 3) -> tuple[GaussianMixture, GaussianMixture]:
+    """Two random mixtures whose product has separated modes of unequal widths — the case where naive
+    score-sum composition gets the mode masses wrong (used by the tests and benchmarks/gmm.py)."""
+    gen = torch.Generator().manual_seed(seed)
+    return random_mixture(dim, components, gen), random_mixture(dim, components, gen)
+
+
 def gaussian_reward(center, strength: float, name: str = "gaussian_reward") -> DiscriminativeExpert:
     """Discriminative expert r(x) = -strength ‖x - center‖² (differentiable, latent space)."""
     center_t = torch.as_tensor(center, dtype=torch.float64)
@@ -187,4 +206,5 @@ def gaussian_reward(center, strength: float, name: str = "gaussian_reward") -> D
                                 info={"center": center_t, "strength": strength})
 
 
-__all__ = ["GaussianMixture", "GMMDenoiser", "product_of_mixtures", "gaussian_reward", "CONST", "EPS"]
+__all__ = ["GaussianMixture", "GMMDenoiser", "product_of_mixtures", "gaussian_reward", "random_mixture",
+           "random_product_problem", "CONST", "EPS"]

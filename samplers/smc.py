@@ -1,0 +1,608 @@
+"""Annealed importance sampling / sequential Monte Carlo for products of experts.
+
+Target (Zhang et al. 2025, "Product of Experts for Visual Generation", eq. for p(x)):
+    p(x) ∝ Π_i p_i(x)^{λ_i} · Π_j exp(γ_j r_j(x))
+with intermediate targets π_t(x) ∝ Π_i p_{i,σ_t}(x)^{λ_i} · exp(β_t Σ_j γ_j r_j(x̂0(x))).
+
+The sampler works in VE coordinates (y = x0 + σ ε) for every model; flow (CONST) states map exactly
+with y = x / (1-σ), σ_ve = σ / (1-σ) (reference poe_smc.md). One level t of the loop:
+  1. move from σ_{t+1} to σ_t with an ancestral step of the summed-score reverse SDE
+     (eta = 1; eta = 0 is the paper's deterministic Euler step), optionally twisted by ∇ potential;
+  2. weights: the Feynman-Kac corrector increment for the product (Skreta et al. 2025),
+         d log w = ½ (‖Σ_k W_k s_k‖² − Σ_k W_k ‖s_k‖²) d(σ²),
+     over the raw components s_k (conditional and shared unconditional scores with effective weights
+     W_k, CFG included), plus the discriminative potential (difference / paper / max / sum);
+  3. resample when ESS / L < threshold (systematic, stratified, multinomial, residual);
+  4. K MCMC steps at σ_t: ULA (paper) or MALA with the trapezoid score-integral energy estimate
+         log π(y') − log π(y) ≈ ½ (S(y) + S(y'))·(y' − y).
+The paper's Algorithm 1 is reproduced with ``fk_correction="off", weighting="paper", eta=0,
+mcmc="ula"`` (:data:`PRESETS` ``["paper"]``).
+
+Per-expert predictions arrive through the capture channel of :mod:`comfy_poe.experts.generative`;
+a model that does not fill it is a single expert (no generative correction needed).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..experts.base import DiscriminativeExpert, canonical_parameterization, evaluate_potentials, is_flow, sigma_to_ve
+from ..experts.generative import POE_CAPTURE_KEY, PoECapture
+from .resampling import RESAMPLING_SCHEMES, effective_sample_size, log_mean_weight, normalized_log_weights, resample_indices
+
+FK_MODES = ("full", "product", "off")
+WEIGHTINGS = ("incremental", "paper", "max", "sum", "none")
+MCMC_KINDS = ("mala", "ula")
+SELECTIONS = ("auto", "argmax", "sample", "resample", "all")
+TEMPERINGS = ("constant", "linear")
+
+PRESETS = {
+    # Zhang et al. 2025, Algorithm 1: Euler init kernel, ULA, resample every level on the current reward.
+    "paper": dict(fk_correction="off", weighting="paper", eta=0.0, mcmc="ula", selection="argmax"),
+    # Principled default: Feynman-Kac corrector weights, difference potentials, ESS-triggered resampling.
+    "fk": dict(fk_correction="full", weighting="incremental", eta=1.0, mcmc="mala", selection="auto"),
+}
+
+
+@dataclass
+class SMCReport:
+    """Diagnostics of one :func:`sample_poe_smc` run (filled in place when passed as ``report=``)."""
+
+    sigmas: list = field(default_factory=list)
+    ess: list = field(default_factory=list)  # per level: (B,) effective sample size before resampling
+    resampled: list = field(default_factory=list)  # per level: bool
+    log_z: Optional[torch.Tensor] = None  # (B,) running estimate of log Z_final / Z_initial
+    acceptance: list = field(default_factory=list)  # per MCMC sweep: mean acceptance rate
+    step_scales: list = field(default_factory=list)  # per MCMC sweep: the c used (κ² = c σ²)
+    model_calls_per_particle: int = 0
+    particle_evals: int = 0
+    judge_evals: int = 0
+    final_log_weights: Optional[torch.Tensor] = None  # (L, B)
+    final_potentials: Optional[torch.Tensor] = None  # (L, B) Σ γ_j r_j of the final samples
+    selected: Optional[torch.Tensor] = None
+    particles: int = 0
+    options: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        ess = torch.stack(self.ess).mean(1) if self.ess else torch.zeros(0)
+        lines = [
+            f"particles {self.particles}, levels {len(self.ess)}, resampled at {sum(self.resampled)} levels",
+            f"model calls per particle {self.model_calls_per_particle}, particle evaluations {self.particle_evals}, "
+            f"judge evaluations {self.judge_evals}",
+            "ESS trace: " + " ".join(f"{v:.1f}" for v in ess.tolist()),
+        ]
+        if self.log_z is not None:
+            lines.append("log Z estimate: " + " ".join(f"{v:.3f}" for v in self.log_z.tolist()))
+        if self.acceptance:
+            lines.append(f"MCMC acceptance: mean {sum(self.acceptance) / len(self.acceptance):.3f}")
+        if self.final_potentials is not None:
+            lines.append("final potentials per particle (item 0): " + " ".join(f"{v:.3f}" for v in self.final_potentials[:, 0].tolist()))
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def ancestral_sigmas(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step in VE coordinates (k-diffusion get_ancestral_step).
+
+    sigma_from may be +inf (a flow model at σ = 1): sigma_up = eta·σ_to.
+    """
+    if sigma_to == 0:
+        return 0.0, 0.0
+    if math.isinf(sigma_from):
+        up = min(sigma_to, eta * sigma_to)
+    else:
+        up = min(sigma_to, eta * math.sqrt(max(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2, 0.0)))
+    return math.sqrt(max(sigma_to**2 - up**2, 0.0)), up
+
+
+def fk_product_numerator(y: torch.Tensor, components) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """½ σ⁴ (‖Σ W_k s_k‖² − Σ W_k ‖s_k‖²) per particle, Λ = Σ W_k and the consensus D̄ = Σ W_k D_k / Λ.
+
+    With s_k = (D_k − y)/σ² and D̄ = Σ W_k D_k / Λ this equals
+        ½ Σ_elements [Λ(Λ−1)(D̄ − y)² − Σ_k W_k (D_k − D̄)²]
+    (the cross term vanishes), which avoids cancelling large numbers at high noise. Dividing by σ⁴
+    gives the Feynman-Kac corrector rate of the product (Skreta et al. 2025).
+    """
+    lam = torch.zeros_like(y, dtype=torch.float64)
+    acc = torch.zeros_like(y, dtype=torch.float64)
+    for denoised, w in components:
+        w = torch.as_tensor(w, dtype=torch.float64, device=y.device)
+        lam = lam + w
+        acc = acc + w * denoised.to(torch.float64)
+    if (lam == 0).any():
+        raise ValueError("the experts' weights sum to zero on part of the latent: the product is improper there")
+    d_bar = acc / lam
+    yd = y.to(torch.float64)
+    spread = torch.zeros_like(yd)
+    for denoised, w in components:
+        spread = spread + torch.as_tensor(w, dtype=torch.float64, device=y.device) * (denoised.to(torch.float64) - d_bar) ** 2
+    per_elem = lam * (lam - 1) * (d_bar - yd) ** 2 - spread
+    return 0.5 * per_elem.reshape(y.shape[0], -1).sum(1), lam, d_bar
+
+
+def fk_increment(num_from: torch.Tensor, num_to: torch.Tensor, s_from: float, s_to: float) -> torch.Tensor:
+    """∫ rate d(σ²) from σ_from down to σ_to with rate = num/σ⁴, num linear across the step:
+    ½(num_from + num_to)(1/σ_to² − 1/σ_from²); the last step to σ = 0 uses the left point num/σ²."""
+    if s_to == 0:
+        return num_from / s_from**2
+    inv_from = 0.0 if math.isinf(s_from) else 1.0 / s_from**2
+    return 0.5 * (num_from + num_to) * (1.0 / s_to**2 - inv_from)
+
+
+MAX_STEP_SCALE = 0.2
+
+
+def adapt_step_scale(c: float, acceptance: float, target: float = 0.574, gain: float = 3.0,
+                     max_scale: float = MAX_STEP_SCALE) -> float:
+    """Robbins-Monro style update of the MALA step scale from the last sweep's acceptance rate:
+    c · exp(gain · (acceptance − target)), kept within [1e-4, max_scale].
+
+    The cap keeps proposals within about σ: π_σ is smooth on that scale, so the trapezoid energy
+    estimate stays accurate; longer jumps could cross a barrier between modes that the two end-point
+    scores cannot see, and MALA would stop being π_σ-invariant.
+    """
+    return float(min(max(c * math.exp(gain * (acceptance - target)), 1e-4), max_scale))
+
+
+def _bdims(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _sumdims(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(v.shape[0], -1).sum(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# model evaluation in VE coordinates
+
+
+@dataclass
+class _Eval:
+    D: torch.Tensor  # combined denoised prediction (defines the summed score)
+    num: torch.Tensor  # FK corrector numerator per particle
+    lam: Optional[torch.Tensor]  # Λ per element, None for a plain model
+    x0: torch.Tensor  # what judges score: consensus D̄ of the experts (D for a plain model)
+
+
+class _Evaluator:
+    """Evaluates the (combined) model on particles in chunks, in VE coordinates, counting calls."""
+
+    def __init__(self, model, extra_args, parameterization, fk_mode, chunk, batch):
+        self.model = model
+        self.extra_args = dict(extra_args or {})
+        self.base_options = dict(self.extra_args.pop("model_options", None) or {})
+        self.flow = is_flow(parameterization)
+        self.fk_mode = fk_mode
+        self.chunk = max(batch, (chunk // batch) * batch) if chunk else None
+        self.calls = 0
+        self.particle_evals = 0
+        self.saw_components = False
+
+    def native(self, y: torch.Tensor, s_ve: float) -> tuple[torch.Tensor, float]:
+        if not self.flow:
+            return y, s_ve
+        s = 1.0 if math.isinf(s_ve) else s_ve / (1.0 + s_ve)
+        return y * (1.0 - s), s
+
+    def __call__(self, y, s_ve: float, x_native: Optional[torch.Tensor] = None, count: bool = True):
+        """Model outputs at VE state y: combined D, FK numerator (N,), Λ (or None) and the x̂0 judges see.
+
+        Judges see the experts' consensus D̄ = Σ W_k D_k / Λ rather than the combined D = y + Λ (D̄ − y):
+        both agree for a single or CFG'd model (Λ = 1) and as σ → 0, but for Λ ≠ 1 the combined
+        prediction extrapolates to ≈ (1 − Λ) y at high noise, which no reward can judge sensibly.
+
+        ``x_native`` is given instead of y when the VE state is infinite (a flow model at σ = 1).
+        """
+        x, s = self.native(y, s_ve) if x_native is None else (x_native, 1.0)
+        n = x.shape[0]
+        step = self.chunk or n
+        outs, nums, lams, consensus = [], [], [], []
+        for start in range(0, n, step):
+            xc = x[start:start + step]
+            capture = PoECapture()
+            options = dict(self.base_options)
+            options[POE_CAPTURE_KEY] = capture
+            sig = torch.full((xc.shape[0],), s, dtype=xc.dtype, device=xc.device)
+            denoised = self.model(xc, sig, model_options=options, **self.extra_args)
+            if not torch.isfinite(denoised).all():
+                raise FloatingPointError(f"the model returned non-finite predictions at sigma={s:.4g}")
+            outs.append(denoised)
+            num = torch.zeros(xc.shape[0], dtype=torch.float64, device=xc.device)
+            x0 = denoised
+            if capture.predictions is not None:
+                mode = "full" if self.fk_mode == "off" else self.fk_mode
+                ref = xc if math.isinf(s_ve) else y[start:start + step]
+                fk_num, lam, d_bar = fk_product_numerator(ref, capture.predictions.components(xc, mode))
+                lams.append(lam)
+                x0 = d_bar.to(denoised.dtype)
+                if self.fk_mode != "off" and not math.isinf(s_ve):
+                    self.saw_components = True
+                    num = fk_num
+            nums.append(num)
+            consensus.append(x0)
+        if count:
+            self.calls += 1
+        self.particle_evals += n
+        lam = torch.cat(lams) if len(lams) == len(outs) else None
+        return _Eval(torch.cat(outs), torch.cat(nums), lam, torch.cat(consensus))
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_poe_smc(
+    model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[dict] = None,
+    callback: Optional[Callable] = None,
+    disable: Optional[bool] = None,
+    *,
+    particles: int = 4,
+    judges: Sequence[DiscriminativeExpert] = (),
+    decode: Optional[Callable] = None,
+    eta: float = 1.0,
+    mcmc_steps: int = 0,
+    mcmc: str = "mala",
+    step_scale: float = 0.1,
+    adapt_step: bool = True,
+    target_acceptance: float = 0.574,
+    fk_correction: str = "full",
+    weighting: str = "incremental",
+    tempering: str = "constant",
+    resampling: str = "systematic",
+    ess_threshold: float = 0.5,
+    resample_every: int = 1,
+    judge_window: tuple = (0.0, math.inf),
+    twist: bool = False,
+    selection: str = "auto",
+    seed: Optional[int] = None,
+    chunk_size: Optional[int] = None,
+    parameterization: Optional[str] = None,
+    prior_scaling: bool = True,
+    report: Optional[SMCReport] = None,
+) -> torch.Tensor:
+    """Sample a product of experts with SMC; k-diffusion signature (ComfyUI KSAMPLER wraps it as is).
+
+    model(x, sigma, **extra_args) -> denoised, in the model's own coordinates; a product model fills
+    the capture channel with per-expert predictions (FK corrector weights need them).
+    x: initial noise already scaled to sigmas[0] (B, ...); sigmas: decreasing noise levels.
+    Options (see README "Sampler options"): particles L per batch item; judges (discriminative experts)
+    and decode (latent -> IMAGE for pixel judges); eta (1 ancestral, 0 Euler); mcmc_steps K, mcmc kind,
+    step_scale c (κ² = c σ²); fk_correction "full" | "product" | "off"; weighting "incremental" |
+    "paper" | "max" | "sum" | "none"; tempering "constant" | "linear" (β ramp over the judge window);
+    resampling scheme, ess_threshold, resample_every; judge_window (σ_lo, σ_hi) in model sigmas (judges
+    always score the final samples); twist (add ∇ of differentiable potentials to the drift, with the
+    exact Gaussian proposal correction); selection "auto" | "argmax" | "sample" | "resample" | "all";
+    seed; chunk_size (max particles per model call). When sigmas[0] is pure noise (σ_ve >= 10, or a flow
+    model at σ = 1) particles other than the first get fresh noise; from a partially noised latent
+    (img2img) all particles start from x and diversify through the ancestral noise; prior_scaling (start from N(0, σ²/Λ), the product
+    of the experts' priors); report (an :class:`SMCReport` filled in place).
+    Returns (B, ...) for argmax / sample, (B·L, ...) item-major for resample / all.
+    """
+    _check_options(particles, mcmc_steps, mcmc, fk_correction, weighting, tempering, resampling, ess_threshold,
+                   resample_every, selection, step_scale, eta, sigmas, x)
+    extra_args = dict(extra_args or {})
+    param = canonical_parameterization(parameterization or getattr(model, "parameterization", None) or "eps")
+    flow = is_flow(param)
+    judges = list(judges)
+    seed = int(extra_args.get("seed", 0) if seed is None else seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    report = report if report is not None else SMCReport()
+    report.particles = particles
+    report.options = dict(particles=particles, eta=eta, mcmc_steps=mcmc_steps, mcmc=mcmc, step_scale=step_scale,
+                          adapt_step=adapt_step, fk_correction=fk_correction, weighting=weighting, resampling=resampling,
+                          ess_threshold=ess_threshold, twist=twist, selection=selection, seed=seed)
+
+    B = x.shape[0]
+    L = particles
+    N = L * B
+    # particle-major layout (index l*B + b) so ComfyUI's conditioning tiling stays aligned per item
+    x_part = x.repeat((L,) + (1,) * (x.ndim - 1))
+    sig_native = [float(s) for s in sigmas]
+    sig_ve = [sigma_to_ve(s, param) for s in sig_native]
+    n_levels = len(sig_native)
+    evaluator = _Evaluator(model, extra_args, param, fk_correction, chunk_size, B)
+
+    def noise_like(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=gen, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
+
+    active = [judge_window[0] <= s <= judge_window[1] for s in sig_native]
+    active[-1] = True
+    if tempering == "linear":
+        ramp_len = sum(active)
+        betas, k = [], 0
+        for a in active:
+            k += a
+            betas.append(k / ramp_len if a else 0.0)
+    else:
+        betas = [1.0 if a else 0.0 for a in active]
+    betas[-1] = 1.0
+
+    def potential(D: torch.Tensor, y: torch.Tensor, level: int) -> torch.Tensor:
+        x_t, s_nat = evaluator.native(y, sig_ve[level]) if sig_native[level] > 0 else (D, 0.0)
+        out = []
+        step = evaluator.chunk or N
+        for start in range(0, D.shape[0], step):
+            sl = slice(start, start + step)
+            sig = torch.full((D[sl].shape[0],), s_nat, dtype=D.dtype, device=D.device)
+            out.append(evaluate_potentials(judges, D[sl], decode, x_t=x_t[sl], sigma=sig))
+        report.judge_evals += D.shape[0]
+        return betas[level] * torch.cat(out)
+
+    def twist_grad(y: torch.Tensor, level: int) -> torch.Tensor:
+        """∇_y β Σ γ r at the VE state y (through the model for x0-based judges)."""
+        diff = [j for j in judges if j.differentiable]
+        with torch.inference_mode(False), torch.enable_grad():
+            yg = y.detach().clone().requires_grad_(True)
+            x_t, s_nat = evaluator.native(yg, sig_ve[level])
+            sig = torch.full((N,), s_nat, dtype=y.dtype, device=y.device)
+            total = torch.zeros((), dtype=torch.float64, device=y.device)
+            noisy = [j for j in diff if j.noisy]
+            if noisy:
+                total = total + evaluate_potentials(noisy, x_t, None, x_t=x_t, sigma=sig).sum()
+            clean = [j for j in diff if not j.noisy]
+            if clean:
+                ev = evaluator(yg, sig_ve[level], count=False)
+                evaluator.calls += 1
+                total = total + evaluate_potentials(clean, ev.x0, decode).sum()
+            (grad,) = torch.autograd.grad(betas[level] * total, yg, allow_unused=True)
+        return torch.zeros_like(y) if grad is None else grad.detach()
+
+    # ---- level 0 ------------------------------------------------------------------------------
+    s0 = sig_ve[0]
+    start_inf = math.isinf(s0)
+    if start_inf:
+        active[0] = n_levels == 1  # nothing to judge in pure noise
+    pure_noise = start_inf or s0 >= 10.0
+    if pure_noise and L > 1:
+        # SMC needs L independent draws from the prior: particle 0 keeps the caller's noise (L = 1 is a
+        # plain sampler run), the others get fresh seeded noise at the same scale (x ≈ σ0·ε).
+        fresh = noise_like(x_part[B:]) * (1.0 if start_inf else sig_native[0])
+        x_part = torch.cat([x_part[:B], fresh])
+    x_init = x_part
+    if prior_scaling and pure_noise:
+        # the product of the experts' Gaussian priors N(0, σ²)^{W_k} is N(0, σ²/Λ): start there
+        probe_y = None if start_inf else (x_part[:B] / (1.0 - sig_native[0]) if flow else x_part[:B])
+        lam = evaluator(probe_y, s0, x_native=x_part[:B] if start_inf else None, count=False).lam
+        if lam is not None:
+            if (lam <= 0).any():
+                raise ValueError("the experts' weights must sum to a positive value everywhere (got Λ <= 0)")
+            x_init = x_part / lam.repeat((L,) + (1,) * (lam.ndim - 1)).sqrt().to(x_part.dtype)
+    if start_inf:
+        y = None
+        ev = evaluator(None, s0, x_native=x_init)
+        eps_hat = x_init  # a flow state at σ = 1 is pure noise: ε̂ = x
+    else:
+        y = x_init / (1.0 - sig_native[0]) if flow else x_init
+        ev = evaluator(y, s0)
+        eps_hat = None
+    D, num, X0 = ev.D, ev.num, ev.x0
+
+    log_w = torch.zeros(L, B, dtype=torch.float64)
+    log_z = torch.zeros(B, dtype=torch.float64)
+    replace_term = torch.zeros(L, B, dtype=torch.float64)  # paper / max / sum: current (non-accumulated) weight
+    pot_prev = torch.zeros(N, dtype=torch.float64, device=x.device)
+    running = None
+    use_judges = bool(judges)
+    twisting = twist and any(j.differentiable for j in judges)
+    move_correction = torch.zeros(N, dtype=torch.float64, device=x.device)
+    c_step = float(step_scale)
+
+    for i in range(n_levels):
+        # ---- weights for arriving at level i -----------------------------------------------------
+        if i > 0:
+            log_w += move_correction.reshape(L, B).cpu()
+            if fk_correction != "off" and not math.isinf(sig_ve[i - 1]):
+                log_w += fk_increment(num_prev, num, sig_ve[i - 1], sig_ve[i]).reshape(L, B).cpu()
+        final = i == n_levels - 1
+        if use_judges and active[i] and (weighting != "none" or final):
+            pot = potential(X0, y if y is not None else D, i)
+            if weighting == "incremental":
+                log_w += (pot - pot_prev).reshape(L, B).cpu()
+            elif weighting == "paper":
+                replace_term = pot.reshape(L, B).cpu()
+            elif weighting == "max":
+                running = pot if running is None else torch.maximum(running, pot)
+                replace_term = running.reshape(L, B).cpu()
+            elif weighting == "sum":
+                running = pot if running is None else running + pot
+                replace_term = running.reshape(L, B).cpu()
+            pot_prev = pot
+        total_w = log_w + replace_term
+        report.ess.append(effective_sample_size(total_w))
+        report.sigmas.append(sig_native[i])
+
+        # ---- resampling --------------------------------------------------------------------------
+        resample_now = False
+        if not final and L > 1 and i % resample_every == 0:
+            if weighting in ("paper", "max", "sum") and use_judges and active[i]:
+                resample_now = True
+            elif (report.ess[-1] < ess_threshold * L).any():
+                resample_now = True
+        report.resampled.append(resample_now)
+        if resample_now:
+            log_z += log_mean_weight(total_w)
+            anc = resample_indices(total_w, resampling, gen)  # (L, B)
+            flat = (anc * B + torch.arange(B)[None]).reshape(-1).to(D.device)
+            D, num, X0, pot_prev = D[flat], num[flat], X0[flat], pot_prev[flat]
+            y = y[flat] if y is not None else None
+            eps_hat = eps_hat[flat] if eps_hat is not None else None
+            if running is not None:
+                running = running[flat]
+            log_w = torch.zeros(L, B, dtype=torch.float64)
+            replace_term = torch.zeros(L, B, dtype=torch.float64)
+
+        if callback is not None:
+            best = torch.argmax(log_w + replace_term, dim=0)
+            pick = best * B + torch.arange(B)
+            shown_x = evaluator.native(y, sig_ve[i])[0][pick.to(D.device)] if y is not None else x_init[:B]
+            callback({"x": shown_x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": X0[pick.to(X0.device)], "ess": report.ess[-1], "particles": L})
+        if final:
+            break
+
+        # ---- MCMC at level i -----------------------------------------------------------------------
+        if mcmc_steps > 0 and y is not None and sig_native[i] > 0:
+            y, D, num, X0, pot_prev, rate = _mcmc_sweep(
+                evaluator, y, D, num, X0, pot_prev, sig_ve[i], mcmc_steps, mcmc, c_step, noise_like, gen,
+                tilt=(lambda D_, y_, i_=i: potential(D_, y_, i_)) if (use_judges and active[i] and weighting == "incremental") else None,
+                twist=(lambda y_, i_=i: twist_grad(y_, i_)) if (twisting and active[i]) else None,
+            )
+            report.acceptance.append(rate)
+            report.step_scales.append(c_step)
+            if adapt_step and mcmc == "mala":
+                c_step = adapt_step_scale(c_step, rate, target_acceptance)
+
+        # ---- move to level i+1 ---------------------------------------------------------------------
+        s_from, s_to = sig_ve[i], sig_ve[i + 1]
+        down, up = ancestral_sigmas(s_from, s_to, eta)
+        if y is None:
+            base_mean = D + down * eps_hat
+        else:
+            base_mean = D + (down / s_from) * (y - D)
+        mean = base_mean
+        move_correction = torch.zeros(N, dtype=torch.float64, device=x.device)
+        if twisting and active[i] and y is not None and s_to > 0:
+            drift_coef = (1.0 - down / s_from) * s_from**2
+            mean = base_mean + drift_coef * twist_grad(y, i)
+            if up > 0:  # exact proposal correction: log N(y'; base, up²) − log N(y'; twisted, up²)
+                z = noise_like(y)
+                y_new = mean + up * z
+                move_correction = _sumdims(((y_new - mean) ** 2 - (y_new - base_mean) ** 2).to(torch.float64)) / (2 * up**2)
+            else:
+                y_new = mean
+        else:
+            y_new = mean + up * noise_like(mean) if up > 0 else mean
+        num_prev = num
+        y, eps_hat = y_new, None
+        if s_to == 0:
+            D, X0, num = y, y, torch.zeros(N, dtype=torch.float64, device=x.device)
+        else:
+            ev = evaluator(y, s_to)
+            D, num, X0 = ev.D, ev.num, ev.x0
+
+    # ---- selection ---------------------------------------------------------------------------------
+    final_w = log_w + replace_term
+    log_z += log_mean_weight(final_w)
+    report.log_z = log_z
+    report.final_log_weights = final_w
+    report.final_potentials = (pot_prev / betas[-1]).reshape(L, B).cpu() if use_judges else None
+    report.model_calls_per_particle = evaluator.calls
+    report.particle_evals = evaluator.particle_evals
+    out_nat = evaluator.native(y, sig_ve[-1])[0] if sig_native[-1] > 0 else y
+    mode = selection if selection != "auto" else ("argmax" if use_judges else "sample")
+    if mode == "argmax":
+        score = report.final_potentials if use_judges else final_w
+        pick = torch.argmax(score, dim=0)
+        report.selected = pick
+        return out_nat[(pick * B + torch.arange(B)).to(out_nat.device)]
+    if mode == "sample":
+        probs = normalized_log_weights(final_w).exp()
+        pick = torch.multinomial(probs.T, 1, generator=gen).reshape(B)
+        report.selected = pick
+        return out_nat[(pick * B + torch.arange(B)).to(out_nat.device)]
+    if mode == "resample":
+        anc = resample_indices(final_w, resampling, gen)
+    else:
+        anc = torch.arange(L)[:, None].expand(L, B)
+    report.selected = anc
+    flat = (anc * B + torch.arange(B)[None]).T.reshape(-1)  # item-major output
+    return out_nat[flat.to(out_nat.device)]
+
+
+def _mcmc_sweep(evaluator, y, D, num, x0, pot, s_ve, steps, kind, step_scale, noise_like, gen, tilt=None, twist=None):
+    """K Langevin steps at fixed σ targeting π_σ (· exp(potential) when ``tilt`` is given).
+
+    ULA: y' = y + (κ²/2) S(y) + κ z with κ² = c σ² (Zhang et al. 2025, Algorithm 1 step b).
+    MALA adds the Metropolis test with log π(y') − log π(y) ≈ ½ (S(y) + S(y'))·(y' − y)
+    (+ exact potential difference), so it is π_σ-invariant up to the energy estimate.
+    """
+    kappa2 = step_scale * s_ve**2
+    kappa = math.sqrt(kappa2)
+    accepted = 0.0
+    score = (D - y) / s_ve**2
+    drift = score + twist(y) if twist is not None else score
+    for _ in range(steps):
+        prop = y + 0.5 * kappa2 * drift + kappa * noise_like(y)
+        ev = evaluator(prop, s_ve)
+        D_p, num_p, x0_p = ev.D, ev.num, ev.x0
+        score_p = (D_p - prop) / s_ve**2
+        drift_p = score_p + twist(prop) if twist is not None else score_p
+        if kind == "ula":
+            y, D, num, x0, score, drift = prop, D_p, num_p, x0_p, score_p, drift_p
+            accepted += 1.0
+            continue
+        pot_p = tilt(x0_p, prop) if tilt is not None else pot
+        d_log_pi = 0.5 * _sumdims(((score + score_p) * (prop - y)).to(torch.float64)) + (pot_p - pot)
+        log_q_fwd = -_sumdims(((prop - y - 0.5 * kappa2 * drift) ** 2).to(torch.float64)) / (2 * kappa2)
+        log_q_rev = -_sumdims(((y - prop - 0.5 * kappa2 * drift_p) ** 2).to(torch.float64)) / (2 * kappa2)
+        log_alpha = d_log_pi + log_q_rev - log_q_fwd
+        u = torch.rand(y.shape[0], generator=gen, dtype=torch.float64).to(y.device)
+        acc = torch.log(u) < log_alpha
+        m = _bdims(acc, y)
+        y = torch.where(m, prop, y)
+        D = torch.where(m, D_p, D)
+        x0 = torch.where(m, x0_p, x0)
+        score = torch.where(m, score_p, score)
+        drift = torch.where(m, drift_p, drift)
+        num = torch.where(acc, num_p, num)
+        pot = torch.where(acc, pot_p, pot)
+        accepted += acc.double().mean().item()
+    if kind == "ula" and tilt is not None and twist is not None:
+        # twisted ULA targets π_σ·exp(potential) (approximately): the next difference potential
+        # must start from the moved state. Untwisted ULA keeps the stale value, which telescopes.
+        pot = tilt(x0, y)
+    return y, D, num, x0, pot, accepted / steps
+
+
+def _check_options(particles, mcmc_steps, mcmc, fk_correction, weighting, tempering, resampling, ess_threshold,
+                   resample_every, selection, step_scale, eta, sigmas, x):
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    need(isinstance(particles, int) and particles >= 1, f"particles must be an integer >= 1, got {particles!r}")
+    need(isinstance(mcmc_steps, int) and mcmc_steps >= 0, f"mcmc_steps must be an integer >= 0, got {mcmc_steps!r}")
+    need(mcmc in MCMC_KINDS, f"mcmc must be one of {MCMC_KINDS}, got {mcmc!r}")
+    need(fk_correction in FK_MODES, f"fk_correction must be one of {FK_MODES}, got {fk_correction!r}")
+    need(weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    need(tempering in TEMPERINGS, f"tempering must be one of {TEMPERINGS}, got {tempering!r}")
+    need(resampling in RESAMPLING_SCHEMES, f"resampling must be one of {RESAMPLING_SCHEMES}, got {resampling!r}")
+    need(0.0 <= ess_threshold <= 1.0, f"ess_threshold must lie in [0, 1], got {ess_threshold!r}")
+    need(isinstance(resample_every, int) and resample_every >= 1, "resample_every must be an integer >= 1")
+    need(selection in SELECTIONS, f"selection must be one of {SELECTIONS}, got {selection!r}")
+    need(step_scale > 0, f"step_scale must be positive, got {step_scale!r}")
+    need(0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta!r}")
+    s = torch.as_tensor(sigmas)
+    need(s.ndim == 1 and s.numel() >= 2, "sigmas must be a 1-D schedule with at least two levels")
+    need(bool(torch.isfinite(s).all()) and bool((s >= 0).all()), "sigmas must be finite and non-negative")
+    need(bool((s[1:] < s[:-1]).all()), "sigmas must be strictly decreasing")
+    need(x.ndim >= 2 and x.shape[0] >= 1, f"x must be a batch (B, ...), got shape {tuple(x.shape)}")
+    need(bool(torch.isfinite(x).all()), "the initial noise x contains NaN or inf")
+
+
+def sample_naive_composition(model, x, sigmas, extra_args=None, callback=None, disable=None, *, judges=(), decode=None,
+                             eta: float = 1.0, twist: bool = False, seed=None, report=None, parameterization=None):
+    """Baseline (Du et al. 2023): integrate the summed score once per sample — no weights, no MCMC.
+
+    Differentiable judges only steer by gradient when ``twist`` (classifier-guidance style).
+    """
+    return sample_poe_smc(model, x, sigmas, extra_args, callback, disable, particles=1, judges=judges, decode=decode,
+                          eta=eta, fk_correction="off", weighting="none", twist=twist, selection="all", seed=seed,
+                          report=report, parameterization=parameterization, mcmc_steps=0)
+
+
+def sample_best_of_n(model, x, sigmas, extra_args=None, callback=None, disable=None, *, n: int = 4, judges=(),
+                     decode=None, eta: float = 1.0, seed=None, report=None, parameterization=None, chunk_size=None):
+    """Baseline: N independent naive samples per item, keep the one with the highest final potential."""
+    return sample_poe_smc(model, x, sigmas, extra_args, callback, disable, particles=n, judges=judges, decode=decode,
+                          eta=eta, fk_correction="off", weighting="none", selection="argmax" if judges else "sample",
+                          seed=seed, report=report, parameterization=parameterization, mcmc_steps=0,
+                          chunk_size=chunk_size)
