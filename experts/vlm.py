@@ -1,0 +1,225 @@
+"""Loading local vision-language models (VLMs) safely: folder checks, family detection, frozen weights.
+
+Engine code (plain torch + transformers, no ComfyUI). A model folder is what ``save_pretrained``
+writes: ``config.json``, ``*.safetensors`` weights, tokenizer and processor files. The loader refuses
+pickle-only weights and remote code unless the caller opts in, detects the family from
+``config.model_type`` and returns a :class:`VLMBundle` whose model is frozen (no parameter gradients)
+but still differentiable with respect to its pixel inputs.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .vlm_families import FAMILIES, FamilySpec, family_for_model_type
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Files whose "auto_map" entry points transformers at Python code shipped inside the folder.
+REMOTE_CODE_CONFIGS = (
+    "config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json",
+    "image_processor_config.json",
+)
+
+
+class VLMFolderError(ValueError):
+    """A model folder that cannot or must not be loaded (missing, unsafe, unsupported)."""
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for spec in FAMILIES.values() for t in spec.model_types)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise VLMFolderError(f"{path} is not valid JSON ({exc}); the model folder looks damaged") from exc
+
+
+def weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(safetensors files, pickle files) at the top of a model folder."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    safe = sorted(p for p in files if p.suffix == ".safetensors")
+    pickles = sorted(p for p in files if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin")
+    return safe, pickles
+
+
+def remote_code_entries(folder: Path) -> list[str]:
+    """Names of the config files in ``folder`` that ask for remote code (an ``auto_map`` entry)."""
+    found = []
+    for name in REMOTE_CODE_CONFIGS:
+        path = folder / name
+        if path.is_file():
+            data = _read_json(path)
+            nested = [data] + [v for v in data.values() if isinstance(v, dict)]
+            if any("auto_map" in d for d in nested):
+                found.append(name)
+    return found
+
+
+def check_model_folder(folder, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                       allowed_model_types=None, what: str = "VLM") -> dict:
+    """Validate a local model folder before anything in it is executed or unpickled; returns config.json.
+
+    Refuses: a missing folder or config, pickle-only weights (``.bin/.pt/.pth/.ckpt``) unless
+    ``allow_pickle``, configs with ``auto_map`` (custom Python code) unless ``trust_remote_code``, and
+    model types outside ``allowed_model_types`` (default: every supported VLM family).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VLMFolderError(f"{what} model folder {str(folder)!r} does not exist or is not a folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise VLMFolderError(
+            f"{what} model folder {str(folder)!r} has no config.json; put the whole Hugging Face model folder "
+            "(config.json, *.safetensors, tokenizer and processor files) there"
+        )
+    config = _read_json(config_path)
+    safe, pickles = weight_files(folder)
+    if not safe:
+        if not pickles:
+            raise VLMFolderError(f"{what} model folder {str(folder)!r} has no weights (*.safetensors)")
+        if not allow_pickle:
+            names = ", ".join(p.name for p in pickles[:4])
+            raise VLMFolderError(
+                f"{what} model folder {str(folder)!r} only has pickle weights ({names}); pickles can run arbitrary "
+                "code when loaded. Use a safetensors copy of the model, or switch on allow_pickle if you trust "
+                "the source"
+            )
+    remote = remote_code_entries(folder)
+    if remote and not trust_remote_code:
+        raise VLMFolderError(
+            f"{what} model folder {str(folder)!r} asks to run custom Python code (auto_map in {', '.join(remote)}); "
+            "this is refused by default. Switch on trust_remote_code only if you trust the source"
+        )
+    model_type = config.get("model_type")
+    allowed = supported_model_types() if allowed_model_types is None else sorted(allowed_model_types)
+    if model_type not in allowed:
+        raise VLMFolderError(
+            f"{what} model folder {str(folder)!r} has model_type {model_type!r}, which is not supported; "
+            f"supported model types: {', '.join(allowed)}"
+        )
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def processor_class_without_video(processor_cls):
+    """Subclass of a transformers processor class that drops its video sub-processor.
+
+    Qwen-VL, SmolVLM and LLaVA-OneVision processors own a video processor that needs torchvision and its
+    own config file; a judge never sees video, so the processor is built from the image processor and
+    tokenizer alone (one failure mode fewer, with or without torchvision).
+    """
+
+    takes_video = "video_processor" in inspect.signature(processor_cls.__init__).parameters
+
+    class NoVideoProcessor(processor_cls):
+        @classmethod
+        def get_attributes(cls):
+            return [a for a in processor_cls.get_attributes() if "video" not in a]
+
+        @classmethod
+        def from_args_and_dict(cls, args, processor_dict, **kwargs):
+            if takes_video:  # some processors take video_processor without a default
+                processor_dict = {**processor_dict, "video_processor": None}
+            return super().from_args_and_dict(args, processor_dict, **kwargs)
+
+    NoVideoProcessor.__name__ = processor_cls.__name__
+    NoVideoProcessor.__qualname__ = processor_cls.__qualname__
+    return NoVideoProcessor
+
+
+def processor_class(folder: Path, model_type: str):
+    """The transformers processor class named by the folder (or registered for its model type)."""
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    name = None
+    for file in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        path = folder / file
+        if path.is_file():
+            name = _read_json(path).get("processor_class")
+            if name:
+                break
+    name = name or PROCESSOR_MAPPING_NAMES.get(model_type)
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None:
+        raise VLMFolderError(f"no processor class found for model folder {str(folder)!r} (model_type {model_type!r})")
+    return processor_class_without_video(cls)
+
+
+def resolve_dtype(dtype, config: dict) -> torch.dtype:
+    """'auto' → the dtype the weights were saved in (config 'dtype'/'torch_dtype'), else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        saved = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+        return DTYPES.get(saved, torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class VLMBundle:
+    """A loaded, frozen VLM with its processor, tokenizer and family (pixel layout + prompt rules)."""
+
+    model: Any
+    processor: Any
+    family: FamilySpec
+    model_type: str
+    folder: Path
+    config: dict
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def image_processor(self):
+        return self.processor.image_processor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode and no parameter gradients: the judge is frozen, gradients only reach its inputs."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_vlm(folder, *, dtype="auto", device="cpu", allow_pickle: bool = False,
+             trust_remote_code: bool = False) -> VLMBundle:
+    """Load a local image-text-to-text model folder of a supported family (see vlm_families.FAMILIES)."""
+    from transformers import AutoModelForImageTextToText
+
+    folder = Path(folder)
+    config = check_model_folder(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    model_type = config["model_type"]
+    family = family_for_model_type(model_type)
+    torch_dtype = resolve_dtype(dtype, config)
+    safe, _ = weight_files(folder)
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder, dtype=torch_dtype, local_files_only=True, use_safetensors=bool(safe),
+        trust_remote_code=trust_remote_code,
+    )
+    freeze(model).to(device)
+    processor = processor_class(folder, model_type).from_pretrained(
+        folder, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    return VLMBundle(model=model, processor=processor, family=family, model_type=model_type, folder=folder,
+                     config=config)
