@@ -1,0 +1,336 @@
+"""Integration fixtures: a real ComfyUI server (CPU, loopback only) with comfy-poe linked in.
+
+Everything in this folder is skipped unless ``COMFY_POE_COMFYUI_DIR`` names a ComfyUI checkout.
+``COMFY_POE_COMFYUI_PYTHON`` is the python of that checkout's venv (default: this interpreter);
+``COMFY_POE_COMFYUI_ARGS`` adds extra ``main.py`` arguments; ``COMFY_POE_COMFYUI_START_TIMEOUT``
+(seconds, default 180) bounds the start-up wait.
+
+The session fixture ``comfy_server`` starts ``main.py --cpu --listen 127.0.0.1 --port <free port>``
+in that checkout, makes sure ``custom_nodes/`` holds a link to this repository (created, and
+removed again afterwards, only if missing), waits for ``/object_info``, and stops the server by
+its PID at the end. Outputs, temp files and the server log go to a pytest temp folder, so the
+checkout's own ``output/`` stays untouched. HTTP goes through ``urllib`` with proxies disabled:
+only loopback traffic.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+COMFY_DIR_ENV = "COMFY_POE_COMFYUI_DIR"
+COMFY_PYTHON_ENV = "COMFY_POE_COMFYUI_PYTHON"
+COMFY_ARGS_ENV = "COMFY_POE_COMFYUI_ARGS"
+START_TIMEOUT_ENV = "COMFY_POE_COMFYUI_START_TIMEOUT"
+
+INTEGRATION_DIR = Path(__file__).resolve().parent
+REPO_ROOT = INTEGRATION_DIR.parents[1]
+DATA_DIR = INTEGRATION_DIR / "data"
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+PACK_LINK_NAME = "comfy_poe"
+TINY_CHECKPOINT = "tiny_random_sd15.safetensors"
+
+SKIP_REASON = (
+    f"{COMFY_DIR_ENV} is not set: integration tests need a ComfyUI checkout "
+    f"(and {COMFY_PYTHON_ENV} = its venv python); see /work/comfy/READY"
+)
+
+# A direct opener: no proxy handler, so requests can only ever reach 127.0.0.1.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _comfy_dir_from_env() -> Path | None:
+    value = os.environ.get(COMFY_DIR_ENV, "").strip()
+    return Path(value).expanduser().resolve() if value else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test in this folder ``integration``; skip them all when no ComfyUI is configured."""
+    skip = None if _comfy_dir_from_env() else pytest.mark.skip(reason=SKIP_REASON)
+    for item in items:
+        if INTEGRATION_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+            if skip is not None:
+                item.add_marker(skip)
+
+
+def pytest_generate_tests(metafunc):
+    """A test taking ``shipped_workflow`` runs once per ``workflows/*_api.json`` (a Path)."""
+    if "shipped_workflow" in metafunc.fixturenames:
+        paths = shipped_api_workflows()
+        metafunc.parametrize("shipped_workflow", paths, ids=[p.stem for p in paths])
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def free_loopback_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_pack_link(custom_nodes: Path) -> Path | None:
+    """The entry of ``custom_nodes`` that resolves to this repository, if any."""
+    if not custom_nodes.is_dir():
+        return None
+    for entry in sorted(custom_nodes.iterdir()):
+        try:
+            if entry.resolve() == REPO_ROOT:
+                return entry
+        except OSError:  # dangling or looping link
+            continue
+    return None
+
+
+def load_api_workflow(path: str | Path, checkpoint_name: str | None = None) -> dict:
+    """Read an API-format workflow; point every ``ckpt_name`` input at ``checkpoint_name``.
+
+    API format is ``{node_id: {"class_type": str, "inputs": {name: value | [src_id, out_idx]}}}``.
+    Only constant string ``ckpt_name`` inputs are rewritten (links are left alone).
+    """
+    path = Path(path)
+    prompt = json.loads(path.read_text())
+    if not isinstance(prompt, dict) or not all(
+        isinstance(node, dict) and "class_type" in node for node in prompt.values()
+    ):
+        raise ValueError(f"{path} is not an API-format workflow (export it with 'Save (API)')")
+    if checkpoint_name is not None:
+        for node in prompt.values():
+            inputs = node.get("inputs", {})
+            if isinstance(inputs.get("ckpt_name"), str):
+                inputs["ckpt_name"] = checkpoint_name
+    return prompt
+
+
+def shipped_api_workflows() -> list[Path]:
+    """Every API-format workflow the pack ships (``workflows/*_api.json``), sorted."""
+    return sorted(WORKFLOWS_DIR.glob("*_api.json"))
+
+
+def combo_options(spec) -> list:
+    """Options of a combo input from /object_info, for both the V1 ([list, {...}]) and the
+    V3 ("COMBO", {"options": [...]}) spellings."""
+    kind = spec[0]
+    if isinstance(kind, list):
+        return kind
+    if len(spec) > 1 and isinstance(spec[1], dict):
+        return list(spec[1].get("options", []))
+    return []
+
+
+# --------------------------------------------------------------------------- server
+
+
+class ComfyServer:
+    """A running ComfyUI server on loopback, driven over its HTTP API."""
+
+    def __init__(self, comfy_dir: Path, python: str, port: int, work_dir: Path,
+                 pack_link: Path, extra_args: list[str] | None = None):
+        self.comfy_dir = comfy_dir
+        self.python = python
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.pack_link = pack_link
+        self.pack_module = f"custom_nodes.{pack_link.name}"
+        self.output_dir = work_dir / "output"
+        self.input_dir = work_dir / "input"
+        self.temp_base = work_dir / "tmp"
+        self.log_path = work_dir / "comfyui.log"
+        self.client_id = str(uuid.uuid4())
+        self.extra_args = list(extra_args or [])
+        self.process: subprocess.Popen | None = None
+        self.start_seconds: float | None = None
+
+    # -- lifecycle
+    def start(self, timeout: float = 180.0) -> None:
+        for d in (self.output_dir, self.input_dir, self.temp_base):
+            d.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
+            "--temp-directory", str(self.temp_base), *self.extra_args,
+        ]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        t0 = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        while time.monotonic() - t0 < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with code {self.process.returncode} during start-up "
+                                   f"({shlex.join(cmd)}); log tail:\n{self.log_tail()}")
+            try:
+                with _OPENER.open(self.url + "/object_info", timeout=10) as resp:
+                    if resp.status == 200:
+                        json.load(resp)
+                        self.start_seconds = time.monotonic() - t0
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"ComfyUI not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """Stop the server by its PID: SIGTERM, then SIGKILL after 15 s."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+    # -- logs
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    # -- HTTP
+    def _request(self, path: str, body: dict | None = None, timeout: float = 60.0):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        with _OPENER.open(req, timeout=timeout) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw.strip() else None
+
+    def get_json(self, path: str, timeout: float = 60.0):
+        return self._request(path, timeout=timeout)
+
+    def post_json(self, path: str, body: dict, timeout: float = 60.0):
+        return self._request(path, body, timeout=timeout)
+
+    def object_info(self, node_class: str | None = None) -> dict:
+        """/object_info (all nodes) or /object_info/<node_class> (``{node_class: info}``)."""
+        return self.get_json("/object_info" + (f"/{node_class}" if node_class else ""))
+
+    def pack_nodes(self) -> dict:
+        """The /object_info entries registered by this pack."""
+        def ours(module: str) -> bool:
+            return module == self.pack_module or module.startswith(self.pack_module + ".")
+        return {name: info for name, info in self.object_info().items()
+                if ours(str(info.get("python_module", "")))}
+
+    def submit(self, prompt: dict) -> tuple[str | None, dict]:
+        """POST /prompt. Returns ``(prompt_id, response)``; on HTTP 400 (validation failed)
+        ``(None, response)`` with ``response["error"]`` and ``response["node_errors"]``."""
+        try:
+            resp = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        except urllib.error.HTTPError as err:
+            if err.code == 400:
+                return None, json.loads(err.read() or b"{}")
+            raise
+        return resp["prompt_id"], resp
+
+    def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
+        """Poll /history until the prompt finished (success, error or interrupted); its entry."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+            if entry is not None and entry.get("status") is not None:
+                return entry
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI died while running {prompt_id}; log tail:\n{self.log_tail()}")
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} not finished after {timeout:.0f}s; log tail:\n{self.log_tail()}")
+
+    def run(self, prompt: dict, timeout: float = 300.0) -> dict:
+        """Submit and wait; asserts the prompt was accepted and executed successfully."""
+        prompt_id, resp = self.submit(prompt)
+        assert prompt_id is not None, f"prompt rejected: {json.dumps(resp, indent=1)[:4000]}"
+        entry = self.wait(prompt_id, timeout)
+        status = entry["status"]
+        if status.get("status_str") != "success":
+            details = [m for m in status.get("messages", [])
+                       if m[0] in ("execution_error", "execution_interrupted")]
+            raise AssertionError(f"prompt {prompt_id} failed: {json.dumps(details, indent=1)[:6000]}\n"
+                                 f"log tail:\n{self.log_tail()}")
+        return entry
+
+    def interrupt(self, prompt_id: str | None = None) -> None:
+        self.post_json("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
+
+    def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
+        self.post_json("/free", {"unload_models": unload_models, "free_memory": free_memory})
+
+    def output_files(self, history_entry: dict) -> list[Path]:
+        """Files listed under ``images`` by the output nodes of a finished prompt."""
+        roots = {"output": self.output_dir, "temp": self.temp_base / "temp", "input": self.input_dir}
+        files = []
+        for out in history_entry.get("outputs", {}).values():
+            for item in out.get("images", []):
+                files.append(roots[item.get("type", "output")] / item.get("subfolder", "") / item["filename"])
+        return files
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def comfy_dir() -> Path:
+    path = _comfy_dir_from_env()
+    if path is None:
+        pytest.skip(SKIP_REASON)
+    if not (path / "main.py").is_file():
+        pytest.fail(f"{COMFY_DIR_ENV}={path} is not a ComfyUI checkout (no main.py)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_dir, tmp_path_factory):
+    python = os.environ.get(COMFY_PYTHON_ENV, "").strip() or sys.executable
+    custom_nodes = comfy_dir / "custom_nodes"
+    link = find_pack_link(custom_nodes)
+    created_link = None
+    if link is None:
+        link = custom_nodes / PACK_LINK_NAME
+        if link.exists() or link.is_symlink():
+            pytest.fail(f"{link} exists but is not a link to {REPO_ROOT}; remove it or link the repo yourself")
+        custom_nodes.mkdir(exist_ok=True)
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+        created_link = link
+    server = ComfyServer(comfy_dir, python, free_loopback_port(), tmp_path_factory.mktemp("comfyui"),
+                         link, shlex.split(os.environ.get(COMFY_ARGS_ENV, "")))
+    try:
+        server.start(timeout=float(os.environ.get(START_TIMEOUT_ENV, "180")))
+        yield server
+    finally:
+        server.stop()
+        if created_link is not None and created_link.is_symlink():
+            created_link.unlink()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_name(comfy_server) -> str:
+    """Name (as ComfyUI lists it) of the tiny random SD1.5 checkpoint in models/checkpoints."""
+    spec = comfy_server.object_info("CheckpointLoaderSimple")["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"]
+    names = [n for n in combo_options(spec) if Path(n).name.startswith("tiny") and n.endswith(".safetensors")]
+    if TINY_CHECKPOINT in names:
+        return TINY_CHECKPOINT
+    if not names:
+        pytest.skip(f"no tiny*.safetensors checkpoint in {comfy_server.comfy_dir / 'models' / 'checkpoints'}; "
+                    "make one with make_tiny_ckpt.py (see /work/shared/comfyui-harness/README.md)")
+    return sorted(names)[0]
+
+
+@pytest.fixture
+def api_workflow(tiny_checkpoint_name):
+    """``api_workflow(path) -> prompt`` with every checkpoint pointed at the tiny checkpoint."""
+    return lambda path: load_api_workflow(path, tiny_checkpoint_name)
