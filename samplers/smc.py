@@ -173,8 +173,9 @@ class _Eval:
 class _Evaluator:
     """Evaluates the (combined) model on particles in chunks, in VE coordinates, counting calls."""
 
-    def __init__(self, model, extra_args, parameterization, fk_mode, chunk, batch):
+    def __init__(self, model, extra_args, parameterization, fk_mode, chunk, batch, interrupt=None):
         self.model = model
+        self.interrupt = interrupt
         self.extra_args = dict(extra_args or {})
         self.base_options = dict(self.extra_args.pop("model_options", None) or {})
         self.flow = is_flow(parameterization)
@@ -199,6 +200,8 @@ class _Evaluator:
 
         ``x_native`` is given instead of y when the VE state is infinite (a flow model at σ = 1).
         """
+        if self.interrupt is not None:
+            self.interrupt()
         x, s = self.native(y, s_ve) if x_native is None else (x_native, 1.0)
         n = x.shape[0]
         step = self.chunk or n
@@ -266,6 +269,7 @@ def sample_poe_smc(
     chunk_size: Optional[int] = None,
     parameterization: Optional[str] = None,
     prior_scaling: bool = True,
+    interrupt: Optional[Callable[[], None]] = None,
     report: Optional[SMCReport] = None,
 ) -> torch.Tensor:
     """Sample a product of experts with SMC; k-diffusion signature (ComfyUI KSAMPLER wraps it as is).
@@ -283,7 +287,8 @@ def sample_poe_smc(
     seed; chunk_size (max particles per model call). When sigmas[0] is pure noise (σ_ve >= 10, or a flow
     model at σ = 1) particles other than the first get fresh noise; from a partially noised latent
     (img2img) all particles start from x and diversify through the ancestral noise; prior_scaling (start from N(0, σ²/Λ), the product
-    of the experts' priors); report (an :class:`SMCReport` filled in place).
+    of the experts' priors); interrupt (called before every model evaluation; raise from it to stop,
+    e.g. ComfyUI's throw_exception_if_processing_interrupted); report (an :class:`SMCReport` filled in place).
     Returns (B, ...) for argmax / sample, (B·L, ...) item-major for resample / all.
     """
     _check_options(particles, mcmc_steps, mcmc, fk_correction, weighting, tempering, resampling, ess_threshold,
@@ -308,7 +313,7 @@ def sample_poe_smc(
     sig_native = [float(s) for s in sigmas]
     sig_ve = [sigma_to_ve(s, param) for s in sig_native]
     n_levels = len(sig_native)
-    evaluator = _Evaluator(model, extra_args, param, fk_correction, chunk_size, B)
+    evaluator = _Evaluator(model, extra_args, param, fk_correction, chunk_size, B, interrupt)
 
     def noise_like(t: torch.Tensor) -> torch.Tensor:
         return torch.randn(t.shape, generator=gen, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
