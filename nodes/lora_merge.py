@@ -61,7 +61,7 @@ class LoraStack(io.ComfyNode):
         return io.Schema(
             node_id="PoELoraStack",
             display_name="LoRA Stack (PoE)",
-            category="comfy-poe/lora",
+            category="poe/lora",
             description="Adds one LoRA with a merge weight to a LORA_STACK; chain several for LoRA Merge.",
             inputs=[
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
@@ -87,7 +87,7 @@ class LoraMerge(io.ComfyNode):
         return io.Schema(
             node_id="PoELoraMerge",
             display_name="LoRA Merge (PoE)",
-            category="comfy-poe/lora",
+            category="poe/lora",
             description="Merges LoRAs of any rank and key format into one file in models/loras and applies it. "
                         "concat is exact (rank = sum of ranks); svd compresses the exact sum to a rank.",
             inputs=[
@@ -163,7 +163,7 @@ class LoraInspect(io.ComfyNode):
         return io.Schema(
             node_id="PoELoraInspect",
             display_name="LoRA Inspect (PoE)",
-            category="comfy-poe/lora",
+            category="poe/lora",
             description="Shows a LoRA file's key format, modules, ranks, alphas, size and unmergeable keys.",
             inputs=[io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
                                    tooltip="LoRA file in models/loras to describe.")],

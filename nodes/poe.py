@@ -28,8 +28,7 @@ from ..samplers.plots import plot_series
 from ..samplers.resampling import RESAMPLING_SCHEMES
 from ..samplers.smc import FK_MODES, MCMC_KINDS, SELECTIONS, TEMPERINGS, SMCReport, sample_poe_smc
 
-PoEExperts = io.Custom("POE_EXPERTS")
-PoEJudges = io.Custom("POE_JUDGES")
+from ._types import PoEExperts, PoEJudges
 
 SMC_WEIGHTINGS = ("incremental", "paper", "max", "sum")
 

@@ -16,6 +16,7 @@ import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ._types import PoEJudges
 from ..experts import PIXEL, evaluate_potentials
 from ..experts.clip_judge import CLIP_MODEL_TYPES, CLIPJudge, load_clip, parse_prompts
 from ..experts.overlays import parse_visual_prompt
@@ -25,7 +26,6 @@ from ..experts.vlm_judge import SCORING_MODES, VLMJudge, VLMView, parse_question
 VLM_FOLDER = "vlm"
 VLMModel = io.Custom("VLM_MODEL")
 CLIPJudgeModel = io.Custom("POE_CLIP_MODEL")
-PoEJudges = io.Custom("POE_JUDGES")
 DTYPE_OPTIONS = ["auto", "bfloat16", "float16", "float32"]
 
 for _name in ("vlm", "LLM"):
@@ -167,7 +167,7 @@ class PoEVLMJudge(io.ComfyNode):
                                tooltip="yes_no: log-probability of the answer normalised against its alternative "
                                        "(≤ 0, VQAScore-like). dual_process: mean answer-token log-likelihood "
                                        "(the Dual-Process tuning loss, negated)."),
-                io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.05,
+                io.Float.Input("weight", default=1.0, min=-100.0, max=100.0, step=0.05,
                                tooltip="Weight of this judge in the product of experts (its log-potential is "
                                        "multiplied by it)."),
                 io.String.Input("visual_prompt", multiline=True, default="",
@@ -182,10 +182,10 @@ class PoEVLMJudge(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vlm, questions, mode, strength, visual_prompt, batch_size, judges=None) -> io.NodeOutput:
+    def execute(cls, vlm, questions, mode, weight, visual_prompt, batch_size, judges=None) -> io.NodeOutput:
         judge = VLMJudge(vlm.payload, parse_questions(questions), mode, overlays=parse_visual_prompt(visual_prompt),
                          batch_size=batch_size, before_call=vlm.load)
-        return io.NodeOutput(_chain(judges, judge.expert(strength, name=f"vlm:{vlm.payload.folder.name}")))
+        return io.NodeOutput(_chain(judges, judge.expert(weight, name=f"vlm:{vlm.payload.folder.name}")))
 
 
 class PoECLIPJudge(io.ComfyNode):
@@ -205,7 +205,7 @@ class PoECLIPJudge(io.ComfyNode):
                 io.String.Input("negatives", multiline=True, default="",
                                 tooltip="Optional alternatives, one per line: each prompt's score becomes its "
                                         "log-probability against them (softmax over prompt + negatives)."),
-                io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.05,
+                io.Float.Input("weight", default=1.0, min=-100.0, max=100.0, step=0.05,
                                tooltip="Weight of this judge in the product of experts."),
                 *_load_inputs(),
                 PoEJudges.Input("judges", optional=True, tooltip="Judges to chain with."),
@@ -214,7 +214,7 @@ class PoECLIPJudge(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model_name, prompts, negatives, strength, dtype, trust_remote_code, allow_pickle,
+    def execute(cls, model_name, prompts, negatives, weight, dtype, trust_remote_code, allow_pickle,
                 judges=None) -> io.NodeOutput:
         prompt_list = parse_prompts(prompts)
         if not prompt_list:
@@ -225,7 +225,7 @@ class PoECLIPJudge(io.ComfyNode):
             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         managed = ManagedModel(model, None)
         judge = CLIPJudge(model, processor, model_type, prompt_list, negatives.splitlines(), before_call=managed.load)
-        return io.NodeOutput(_chain(judges, judge.expert(strength, name=f"{model_type}:{model_name}")))
+        return io.NodeOutput(_chain(judges, judge.expert(weight, name=f"{model_type}:{model_name}")))
 
 
 def score_images(images: torch.Tensor, judges) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,10 +55,10 @@ def workflow(checkpoint: str, vlm_name: str, clip_name: str) -> dict:
         "10": {"class_type": "PoEVLMLoader", "inputs": {
             "model_name": vlm_name, "dtype": "float32", "trust_remote_code": False, "allow_pickle": False}},
         "11": {"class_type": "PoEVLMJudge", "inputs": {
-            "vlm": ["10", 0], "questions": QUESTIONS, "mode": "yes_no", "strength": 1.0,
+            "vlm": ["10", 0], "questions": QUESTIONS, "mode": "yes_no", "weight": 1.0,
             "visual_prompt": VISUAL_PROMPT, "batch_size": 2}},
         "12": {"class_type": "PoECLIPJudge", "inputs": {
-            "model_name": clip_name, "prompts": "a red cat | 0.25", "negatives": "a dog", "strength": 1.0,
+            "model_name": clip_name, "prompts": "a red cat | 0.25", "negatives": "a dog", "weight": 1.0,
             "dtype": "float32", "trust_remote_code": False, "allow_pickle": False, "judges": ["11", 0]}},
         "13": {"class_type": "PoEVLMScore", "inputs": {"images": ["6", 0], "judges": ["12", 0], "top_k": 2}},
         "14": {"class_type": "SaveImage", "inputs": {"images": ["13", 1], "filename_prefix": "poe_itest_vlm_top"}},
