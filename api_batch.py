@@ -28,13 +28,14 @@ import socket
 import ssl
 import struct
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
+
+from .fileio import atomic_write_text
 
 JOB_KEYS = {"id", "set"}
 FINAL_STATUSES = ("success", "failed", "interrupted")
@@ -162,19 +163,8 @@ def apply_overrides(workflow: dict, overrides: dict) -> tuple[dict, dict]:
 
 
 def write_json_atomic(path: str, data) -> None:
-    """Write JSON through a temp file in the same folder + os.replace: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (see :mod:`comfy_poe.fileio`): readers never see half a file."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def format_rejection(response: dict) -> str:

@@ -7,14 +7,13 @@ is read: no pickle.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ..fileio import atomic_write
 from .models import (
     DigitsDenoiser, DigitsEvaluator, EDMUNet, MLPDenoiserNet, NoiseAwareClassifier, UNET_CONFIG, build_unet,
 )
@@ -32,18 +31,8 @@ def _model_path(name: str, folder, suffix: str) -> Path:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then os.replace onto path, so nothing half-written is ever left behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped files must be readable by everyone
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """write(tmp_path) then os.replace onto path (see :mod:`comfy_poe.fileio`)."""
+    atomic_write(path, write)
 
 
 def save_model(module: torch.nn.Module, name: str, metadata: dict, folder=None, dtype: Optional[torch.dtype] = None) -> Path:

@@ -12,13 +12,13 @@ import json
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+
+from ..fileio import atomic_save_safetensors
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -158,22 +158,5 @@ def check_overwrite(path: Path, overwrite: bool) -> None:
 
 def atomic_write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                              metadata: dict[str, str] | None = None) -> Path:
-    """Write a safetensors file via a temporary file in the same folder + os.replace: readers never see a
-    half-written file, and a failure leaves nothing behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Write a safetensors file atomically (see :mod:`comfy_poe.fileio`)."""
+    return atomic_save_safetensors(path, tensors, metadata)

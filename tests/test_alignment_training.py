@@ -20,13 +20,6 @@ from comfy_poe.training.rollout import Policy
 MLP_TARGETS = r"^mlp\.\d+$"
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def decode(x):
     return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).repeat(1, 1, 1, 3)

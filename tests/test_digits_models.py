@@ -14,14 +14,6 @@ from comfy_poe.experts import DiscriminativeExpert
 SHIPPED = ("digits_unet", "digits_classifier", "digits_evaluator", "digits_mlp")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def denoiser():
     return digits.load_denoiser()

@@ -17,13 +17,6 @@ from comfy_poe.lora.io import LoraFileError, load_lora_file, resolve_save_path
 from comfy_poe.lora.merge import LoraInput, merge_loras, save_merge
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def small_lora(path, seed, rank, metadata=None, prefix="lora_unet_double_blocks_0_img_attn_qkv"):
     g = torch.Generator().manual_seed(seed)

@@ -12,14 +12,6 @@ from comfy_poe.lora.formats import parse_module_prefix, parse_state_dict, resolv
 from comfy_poe.lora.io import load_lora_file
 from comfy_poe.lora.merge import LoraInput, MergeError, merge_loras, save_merge
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny LAPACK calls are dominated by thread hand-off on a busy 2-core runner (0.2 s vs 1 ms per SVD)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # Layers of a toy model: dotted path -> (component, weight shape).  DiT-style names are the same in
 # kohya (flat) and ComfyUI-native (dotted) spelling, so one LoRA can be written in all three formats.

@@ -17,13 +17,6 @@ N = 4000
 SEEDS = (0, 1)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _problem(dim, seed, tilt):
     p1, p2 = random_product_problem(dim, seed)

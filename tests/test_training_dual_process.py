@@ -20,13 +20,6 @@ from comfy_poe.training import (
 )
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ------------------------------------------------------------------------------------------ digits (EPS)
 @pytest.fixture(scope="module")

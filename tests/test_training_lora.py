@@ -11,13 +11,6 @@ from comfy_poe.lora import atomic_write_safetensors, load_lora_file, parse_state
 from comfy_poe.training import LoRAConfig, create_lora, find_targets
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_unet():
     from diffusers import UNet2DConditionModel

@@ -28,14 +28,6 @@ NATIVE = {"qwen2_vl": 56, "qwen2_5_vl": 56, "qwen3_vl": 56}
 QUESTIONS = [Question("Is there a cat in the image?"), Question("Is the sky red?", "No", 0.5)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory):

@@ -17,13 +17,6 @@ sys.modules.setdefault("vlm_tiny", vlm_tiny)
 _spec.loader.exec_module(vlm_tiny)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def clip_models(tmp_path_factory):

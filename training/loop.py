@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..lora.io import atomic_write_safetensors
+from ..fileio import atomic_write_text
 from .lora import LoRANetwork
 
 STATE_JSON = "state.json"
@@ -110,19 +110,7 @@ def autocast_context(mode: str, device: torch.device):
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_text(path, text)
 
 
 @dataclass

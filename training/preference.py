@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..fileio import atomic_write_bytes
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PROMPT_FILE = "prompt.txt"
 
@@ -166,9 +168,7 @@ def save_preference_folder(pairs: PreferencePairs, root: str | os.PathLike) -> P
             Image.fromarray(array).save(buffer, format="PNG")
             files[f"{stem}.png"] = buffer.getvalue()
         for fname, data in files.items():
-            tmp = folder / f".{fname}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, folder / fname)
+            atomic_write_bytes(folder / fname, data)
     return root
 
 
