@@ -155,7 +155,7 @@ class PoEGuider(comfy.samplers.CFGGuider):
         return combine_denoised(x, timestep, preds.components(x, "product"), preds.parameterization)
 
 
-def _in_latent_space(judge, base_model):
+def in_latent_space(judge, base_model):
     """Latent judges score latents as users see them (LATENT outputs, after process_latent_out)."""
     if judge.space != LATENT or judge.noisy:
         return judge
@@ -174,7 +174,7 @@ def make_smc_sampler(options: dict, judges: Optional[list] = None, vae=None, rep
             decode = lambda x0: vae.decode(base_model.process_latent_out(x0)).to(x0.device)
         return sample_poe_smc(
             model, x, sigmas, extra_args, callback, disable,
-            judges=[_in_latent_space(j, base_model) for j in judges], decode=decode,
+            judges=[in_latent_space(j, base_model) for j in judges], decode=decode,
             parameterization=parameterization_of(base_model.model_sampling),
             interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
             report=report, **options,

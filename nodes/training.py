@@ -116,8 +116,9 @@ def differentiable_decoder(vae, base_model):
     return decode, module
 
 
-def curve_tensor(history, title) -> torch.Tensor:
-    img = render_curves(history, keys=("loss", "score", "grad_norm"), title=title)
+def curve_tensor(history, title, keys=("loss", "score", "grad_norm")) -> torch.Tensor:
+    """The training curves (``keys`` of the history) as a one-image IMAGE batch."""
+    img = render_curves(history, keys=keys, title=title)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
 
 
@@ -303,7 +304,7 @@ class PoEDualProcessTune(io.ComfyNode):
         return io.NodeOutput(tuned, lora_sd, curves, report, ui=ui.PreviewText(report))
 
 
-def _window_mean(history, key, first: bool) -> float:
+def window_mean(history, key, first: bool) -> float:
     values = [r[key] for r in history if key in r]
     if not values:
         return float("nan")
@@ -321,10 +322,10 @@ def training_report(result, network, evaluation, steps, seconds, store) -> str:
         + f" in {seconds:.1f} s ({seconds / max(done, 1):.2f} s/step)",
         f"LoRA: {len(network.paths)} layers, {n_params:,} parameters, rank {network.rank}, alpha {network.alpha}, "
         f"scale {network.scale}",
-        f"loss  first 10%: {_window_mean(result.history, 'loss', True):.4f}   last 10%: "
-        f"{_window_mean(result.history, 'loss', False):.4f}",
-        f"score first 10%: {_window_mean(result.history, 'score', True):.4f}   last 10%: "
-        f"{_window_mean(result.history, 'score', False):.4f}",
+        f"loss  first 10%: {window_mean(result.history, 'loss', True):.4f}   last 10%: "
+        f"{window_mean(result.history, 'loss', False):.4f}",
+        f"score first 10%: {window_mean(result.history, 'score', True):.4f}   last 10%: "
+        f"{window_mean(result.history, 'score', False):.4f}",
     ]
     if evaluation:
         before, after = evaluation["before"], evaluation["after"]
