@@ -56,14 +56,17 @@ def _class_list(classes, what: str = "classes") -> list[int]:
 def classifier_log_prob(classes, classifier: Optional[NoiseAwareClassifier] = None):
     """The noise-aware potential (x_σ, σ) -> log Σ_{c∈classes} p(c | x_σ), shape (N,), differentiable in x.
 
-    For guidance / twisting on the noisy state (the classifier was trained on σ ∈ [0.002, 80]).
+    For guidance / twisting on the noisy state (the classifier was trained on σ ∈ [0.002, 80]; σ below
+    σ_min, e.g. the 0 a noisy judge receives at the final level, is treated as σ_min).
     """
     wanted = _class_list(classes)
     model = classifier if classifier is not None else load_classifier()
 
     def log_prob(x: torch.Tensor, sigma) -> torch.Tensor:
         device = next(model.parameters()).device
-        log_p = model.log_probs(x.to(device=device, dtype=torch.float32), torch.as_tensor(sigma, device=device))
+        # a noisy judge gets σ = 0 at the final level (the clean sample): the classifier's σ_min is clean enough
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device).clamp_min(SIGMA_MIN)
+        log_p = model.log_probs(x.to(device=device, dtype=torch.float32), sigma)
         return torch.logsumexp(log_p[:, wanted], dim=1).to(x.device)
 
     return log_prob

@@ -27,7 +27,7 @@ from comfy_api.latest import io, ui
 from ..experts.base import LATENT, PIXEL, evaluate_potentials
 from ..training import CheckpointStore, LoopConfig, LoRAConfig, create_lora, enable_gradient_checkpointing
 from ..training.alignment import (
-    ROLLOUT_METHODS, PreferenceConfig, PreferenceTrainer, RewardRolloutTrainer, RolloutConfig, check_rollout_method,
+    PreferenceConfig, PreferenceTrainer, RewardRolloutTrainer, RolloutConfig, check_rollout_method,
 )
 from ..training.lora import TARGET_PRESETS
 from ..training.mapo import check_method

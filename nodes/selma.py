@@ -1,19 +1,25 @@
-"""SELMA nodes: skill prompts from a local LLM, and a resumable self-generated image dataset.
+"""SELMA nodes: skill prompts from a local LLM, a resumable self-generated image dataset, and the skill
+LoRA trainer (plain denoising loss on that dataset).
 
 Thin ComfyUI layer over ``selma`` (engine). LLM folders live in models/LLM; prompt files and datasets are
-written under ComfyUI's output folder (``output/selma/...``). The Skill LoRA Trainer node lives with the
-training core; it reads the dataset folder this file writes.
+written under ComfyUI's output folder (``output/selma/...``). The trainer reuses the training core's
+ComfyUI set-up (nodes/training.py: LoRA as weight wrappers on a patcher clone, inference_mode(False),
+checkpoints in output/comfy_poe_training/<run_name>); save its LoRA with Save Trained LoRA (PoE).
 """
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import torch
 
+import comfy.conds
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
+import comfy.sd
 import comfy.utils
 import folder_paths
 import latent_preview
@@ -25,6 +31,10 @@ from ..selma.presets import CUSTOM, PresetError, list_presets, load_preset, over
 from ..selma.prompts import (LLMGenerator, causal_lm_model_types, generate_skill_prompts, load_llm,
                              read_prompt_file, save_prompts)
 from ..selma.rouge import DEFAULT_THRESHOLD
+from ..selma.trainer import PRESETS, encode_pairs, preset_config, train_skill_lora
+from ..training import create_lora, enable_gradient_checkpointing
+from .training import (TRAINING_KEY, TrainedLoRA, curve_tensor, parameterization_of, prepare_trainable_patcher,
+                       run_folder)
 from ._types import PoEJudges
 from .vlm import ManagedModel, _load_inputs, _subdirs, auto_dtype_name
 
@@ -318,4 +328,166 @@ class SelmaSkillDataset(io.ComfyNode):
                              ui=ui.PreviewText(text))
 
 
-NODES = [SelmaSkillPrompts, SelmaSkillDataset]
+# --------------------------------------------------------------------------------------- trainer
+TRAINER_PRECISIONS = ["auto", "off"]
+
+
+def resolve_dataset_path(dataset_path: str) -> Path:
+    """The dataset folder: an absolute path (Skill Dataset's ``dataset_path`` output) or a name under
+    output/selma."""
+    text = str(dataset_path or "").strip()
+    if not text:
+        raise ValueError("dataset_path: connect SELMA Skill Dataset's dataset_path or write a dataset folder")
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = output_path("dataset_path", text)
+    if not (path / "manifest.jsonl").is_file():
+        raise ValueError(f"dataset_path: {str(path)!r} is not a SELMA skill dataset (no manifest.jsonl); "
+                         "build one with SELMA Skill Dataset")
+    return path
+
+
+def comfy_encoders(base_model, clip, vae):
+    """(encode_prompt, encode_image, collate) for the frozen text encoder and VAE of a ComfyUI model.
+
+    A condition is the dict of model inputs ComfyUI's sampler would pass to ``apply_model`` (``c_crossattn``
+    and, for SDXL-like models, the ``y`` vector from the pooled output and the image size)."""
+    size = {}
+
+    def encode_image(pixels):
+        size["height"], size["width"] = int(pixels.shape[1]), int(pixels.shape[2])
+        latent = vae.encode(pixels[..., :3])
+        return base_model.process_latent_in(latent.float()).cpu()
+
+    def encode_prompt(caption):
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+        extra = base_model.extra_conds(cross_attn=cond, pooled_output=pooled, device="cpu",
+                                       width=size.get("width", 512), height=size.get("height", 512))
+        return {k: v.cond.float().cpu() for k, v in extra.items() if k in ("c_crossattn", "y")}
+
+    def collate(conds):
+        out = {}
+        for key in conds[0]:
+            items = [c[key] for c in conds]
+            if key == "c_crossattn":   # long prompts: repeat to a common token length, as ComfyUI batches
+                out[key] = comfy.conds.CONDCrossAttn(items[0]).concat([comfy.conds.CONDCrossAttn(c) for c in items[1:]])
+            else:
+                out[key] = torch.cat(items)
+        return out
+
+    return encode_prompt, encode_image, collate
+
+
+class SelmaSkillLoRATrainer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoESelmaSkillLoRATrainer",
+            display_name="SELMA Skill LoRA Trainer (PoE)",
+            category=CATEGORY,
+            description="Train one skill LoRA on a SELMA skill dataset with the plain denoising loss (ε-MSE at "
+                        "a random timestep; text encoder frozen; LoRA on UNet attention q/k/v/out). Presets: "
+                        "reference = the paper (rank 128, lr 3e-4, batch 64, 5000 steps), small, tiny.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model that generated the dataset (SD1.x/2/SDXL-like UNet or "
+                                                "a flow model); it stays frozen, only the LoRA trains."),
+                io.Clip.Input("clip", tooltip="Its text encoder (frozen; captions are encoded once)."),
+                io.Vae.Input("vae", tooltip="Its VAE (images are encoded to latents once)."),
+                io.String.Input("dataset_path", default="",
+                                tooltip="Connect SELMA Skill Dataset's dataset_path, or write a dataset name under "
+                                        "output/selma (or an absolute folder)."),
+                io.Combo.Input("preset", options=list(PRESETS), default="small",
+                               tooltip="reference: the SELMA paper (rank 128, alpha 128, lr 3e-4, batch 64 as 8×8 "
+                                       "micro-batches, 5000 steps; big GPU). small: rank 32, lr 1e-4, batch 16 "
+                                       "(4×4), 1500 steps. tiny: rank 8, lr 1e-4, batch 4 (4×1), 400 steps."),
+                io.Int.Input("steps", default=0, min=0, max=1000000,
+                             tooltip="Training steps; 0 = the preset's."),
+                io.Float.Input("lr", default=0.0, min=0.0, max=1.0, step=1e-5, round=1e-7,
+                               tooltip="Constant AdamW learning rate; 0 = the preset's."),
+                io.Int.Input("rank", default=0, min=0, max=1024,
+                             tooltip="LoRA rank (alpha = rank, as in the paper); 0 = the preset's."),
+                io.Int.Input("batch_size", default=0, min=0, max=1024,
+                             tooltip="Effective batch per step (gradients of micro-batches are accumulated); "
+                                     "0 = the preset's."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds the LoRA init and every batch / timestep / noise choice."),
+                io.String.Input("run_name", default="",
+                                tooltip="Checkpoint folder under output/comfy_poe_training (empty = none). An "
+                                        "interrupted run resumes from its last checkpoint."),
+                io.Int.Input("checkpoint_every", default=250, min=0, max=1000000,
+                             tooltip="Write a checkpoint every k steps (0 = only at the end); needs run_name."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute activations in backward: much less memory, ~30% slower."),
+                io.Combo.Input("precision", options=TRAINER_PRECISIONS, default="auto",
+                               tooltip="auto: bf16 autocast where the GPU supports it; off: the model's own dtype."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the trained skill LoRA applied."),
+                io.LoraModel.Output(display_name="lora", tooltip="The skill LoRA (connect Save Trained LoRA)."),
+                io.Image.Output(display_name="curves", tooltip="Denoising loss and gradient norm per step."),
+                io.String.Output(display_name="report"),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, preset, precision):
+        if preset is not None and preset not in PRESETS:
+            return f"preset must be one of {list(PRESETS)}, got {preset!r}"
+        if precision is not None and precision not in TRAINER_PRECISIONS:
+            return f"precision must be one of {TRAINER_PRECISIONS}, got {precision!r}"
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset_path, preset, steps, lr, rank, batch_size, seed, run_name,
+                checkpoint_every, gradient_checkpointing, precision) -> io.NodeOutput:
+        root = resolve_dataset_path(dataset_path)
+        config = preset_config(preset, steps=steps or None, lr=lr or None, rank=rank or None,
+                               alpha=float(rank) if rank else None, batch_size=batch_size or None, seed=seed,
+                               checkpoint_every=checkpoint_every, autocast="auto" if precision == "auto" else "off",
+                               eval_samples=min(8, PRESETS[preset].eval_samples))
+        t0 = time.monotonic()
+        interrupt = comfy.model_management.throw_exception_if_processing_interrupted
+        encode_prompt, encode_image, collate = comfy_encoders(model.model, clip, vae)
+        try:
+            pairs = SkillDataset(root, create=False).pairs()
+            data = encode_pairs(pairs, encode_prompt, encode_image, check=interrupt)  # before the UNet is loaded
+        except ValueError as exc:
+            raise ValueError(f"dataset_path: {exc}") from None
+        metadata = {TRAINING_KEY: json.dumps({"method": "selma_skill", "dataset": root.name, "pairs": len(data),
+                                              "preset": preset, **{k: getattr(config, k) for k in (
+                                                  "rank", "alpha", "lr", "steps", "batch_size", "targets", "seed")}}),
+                    "ss_network_dim": str(config.rank), "ss_network_alpha": str(config.alpha)}
+        export = lambda net: net.export_state_dict(prefix="diffusion_model.")  # noqa: E731
+        device = comfy.model_management.get_torch_device()
+        pbar = comfy.utils.ProgressBar(config.steps)
+        with torch.inference_mode(False), torch.enable_grad():
+            dm = model.model.diffusion_model
+            network = create_lora(dm, config.lora_config(), seed=seed, dtype=torch.float32, device=device)
+            mp = prepare_trainable_patcher(model, network)
+            mp.model.requires_grad_(False)
+            model_sampling = mp.get_model_object("model_sampling")
+            comfy.model_management.load_models_gpu([mp], force_full_load=True)
+            base = mp.model
+            undo = enable_gradient_checkpointing(dm) if gradient_checkpointing else (lambda: None)
+            try:
+                result = train_skill_lora(
+                    data, None, lambda x, sigma, cond: base.apply_model(x, sigma, **cond), None, None,
+                    config=config, sigmas=model_sampling.sigmas.detach().float().cpu(),
+                    parameterization=parameterization_of(model_sampling), network=network, collate=collate,
+                    device=device, run_dir=run_folder(run_name) if run_name.strip() else None, export=export,
+                    metadata=metadata, progress=lambda step, total, rec: pbar.update_absolute(step, total),
+                    interrupt=interrupt)
+            finally:
+                undo()
+            lora_sd = TrainedLoRA(export(network), metadata)
+        tuned, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0.0)
+        report = (f"{result.summary()}\ndataset: {root}\npreset {preset}: lr {config.lr}, batch {config.batch_size} "
+                  f"(micro-batches of {config.micro}), targets {config.targets}; total {time.monotonic() - t0:.1f} s"
+                  + (f"\ncheckpoint: {result.checkpoint}" if result.checkpoint else ""))
+        curves = curve_tensor(result.history, f"SELMA skill LoRA ({root.name}): {len(network.paths)} layers, "
+                                              f"rank {config.rank}")
+        return io.NodeOutput(tuned, lora_sd, curves, report, ui=ui.PreviewText(report))
+
+
+NODES = [SelmaSkillPrompts, SelmaSkillDataset, SelmaSkillLoRATrainer]

@@ -1,5 +1,6 @@
-"""SELMA nodes in a real ComfyUI: a programmed tiny LLM in models/LLM writes skill prompts, and the tiny
-SD1.5 checkpoint generates them into a dataset folder that a second run extends (resume)."""
+"""SELMA nodes in a real ComfyUI: a programmed tiny LLM in models/LLM writes skill prompts, the tiny
+SD1.5 checkpoint generates them into a dataset folder that a second run extends (resume), and the Skill
+LoRA Trainer trains on a dataset made in-test and its LoRA is saved with Save Trained LoRA."""
 import importlib.util
 import json
 import shutil
@@ -57,6 +58,7 @@ def test_selma_nodes_are_registered(comfy_server):
     assert nodes["PoESelmaSkillPrompts"]["output"] == ["STRING", "STRING", "STRING"]
     assert nodes["PoESelmaSkillPrompts"]["output_is_list"] == [False, True, False]
     assert nodes["PoESelmaSkillDataset"]["output"] == ["STRING", "IMAGE", "STRING"]
+    assert nodes["PoESelmaSkillLoRATrainer"]["output"] == ["MODEL", "LORA_MODEL", "IMAGE", "STRING"]
     options = nodes["PoESelmaSkillPrompts"]["input"]["required"]["skill"][1]["options"]
     assert {"count", "spatial", "text_rendering", "long_prompts", "commonsense_defying", "custom"} <= set(options)
 
@@ -93,3 +95,43 @@ def test_bad_dataset_name_is_refused(comfy_server, tiny_checkpoint_name, tiny_ll
     assert entry["status"]["status_str"] == "error", messages
     assert "PoESelmaSkillDataset" in messages and "dataset_name" in messages and "'..'" in messages, messages
     assert not (comfy_server.output_dir / "escape").exists()
+
+
+def test_skill_lora_trainer_trains_and_the_lora_is_saved(comfy_server, tiny_checkpoint_name):
+    import torch
+
+    from comfy_poe.lora import load_lora_file, parse_state_dict
+    from comfy_poe.selma.dataset import SkillDataset
+
+    name = f"poe_itest_train_{uuid.uuid4().hex[:8]}"
+    dataset = SkillDataset(comfy_server.output_dir / "selma" / name)
+    g = torch.Generator().manual_seed(0)
+    for i, caption in enumerate(["two red apples", "three blue cups"]):
+        dataset.append(caption, 0, i, torch.rand(64, 64, 3, generator=g), True)
+    save_name = f"comfy_poe_selma_test_{uuid.uuid4().hex[:8]}/skill"
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint_name}},
+        "2": {"class_type": "PoESelmaSkillLoRATrainer", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset_path": name, "preset": "tiny",
+            "steps": 2, "lr": 1e-3, "rank": 4, "batch_size": 2, "seed": 0, "run_name": "",
+            "checkpoint_every": 0, "gradient_checkpointing": True, "precision": "off"}},
+        "3": {"class_type": "PoESaveTrainedLoRA", "inputs": {"lora": ["2", 1], "save_name": save_name,
+                                                             "overwrite": False}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["2", 3]}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["2", 2]}},
+    }
+    folder = comfy_server.comfy_dir / "models" / "loras" / save_name.split("/")[0]
+    try:
+        entry = comfy_server.run(prompt, timeout=600)
+        report = entry["outputs"]["4"]["text"][0]
+        assert "2 pairs (2 captions), 2 steps" in report and "rank 4" in report, report
+        data = load_lora_file(folder / "skill.safetensors")
+        parsed = parse_state_dict(data.tensors)
+        assert parsed.modules and not parsed.skipped
+        assert all(m.rank == 4 and m.name.key.startswith("diffusion_model.") for m in parsed.modules.values())
+        assert json.loads(data.metadata["comfy_poe.training"])["method"] == "selma_skill"
+        # two AdamW steps moved the zero-initialised up factors
+        assert any(float(m.up.abs().max()) > 0 for m in parsed.modules.values())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(comfy_server.output_dir / "selma" / name, ignore_errors=True)
