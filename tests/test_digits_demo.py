@@ -1,0 +1,91 @@
+"""The digits demo: FK-SMC vs naive composition on task 1 (even × ≥5 = {6, 8}), windows, the CLI end to end."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_poe.digits import demo, load_denoiser, load_evaluator
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def denoiser():
+    return load_denoiser()
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return load_evaluator()
+
+
+def test_equal_budgets_and_window_helpers():
+    for method in demo.METHODS:
+        cfg = demo.method_config(method, 60)
+        per_output = cfg.levels * (1 + cfg.mcmc_steps) * (1 if cfg.population else cfg.particles)
+        assert abs(per_output - 60) <= 2, (method, cfg)
+    mask = demo.window_mask(demo.RIGHT_START)
+    assert mask.shape == (1, 8, 12) and mask[..., :4].sum() == 0 and mask[..., 4:].sum() == 64
+    with pytest.raises(ValueError, match="does not fit"):
+        demo.window_mask(6)
+    # per-item conditionings follow the sampler's particle-major layout (row l·B + b -> item b)
+    assert demo.PerItem(torch.tensor([3, 7])).rows(6).tolist() == [3, 7, 3, 7, 3, 7]
+    counts = demo.class_counts("train")
+    assert demo.true_share_of_six() == pytest.approx(float(counts[6] / (counts[6] + counts[8])))
+
+
+def test_windowed_denoiser_matches_the_8x8_model_inside_each_window(denoiser):
+    wd = demo.WindowedDigits(denoiser)
+    x = torch.randn(3, 1, 8, 12, generator=torch.Generator().manual_seed(0)) * 2.0
+    sigma = torch.full((3,), 2.0)
+    with torch.no_grad():
+        left, right = wd.denoise(x, sigma, [(0, 3), (4, demo.PerItem(torch.tensor([1, 2, 5])))])
+        ref_left = denoiser.denoise(x[..., :8], sigma, [3])[0]
+        ref_right = denoiser.denoise(x[..., 4:], sigma, [torch.tensor([1, 2, 5])])[0]
+    assert torch.allclose(left[..., :8], ref_left, atol=1e-5) and torch.equal(left[..., 8:], x[..., 8:])
+    assert torch.allclose(right[..., 4:], ref_right, atol=1e-5) and torch.isfinite(right).all()
+
+
+def test_fk_smc_beats_naive_on_the_attribute_product(denoiser, evaluator):
+    """Task 1 ("even AND ≥5") at seed 0, 20 samples, 60 product evaluations per output for both methods:
+    FK-SMC's fraction in {6, 8} exceeds naive composition's by >= 0.15 (measured 1.00 vs 0.68-0.75).
+
+    Not asserted, because it does not hold at this budget: mode balance. One 20-particle population
+    collapses onto one class after resampling, so its 6-share is 0 or 1, while naive composition
+    already gets the share about right (0.48 vs the exact 0.51). See README "Digits" for the numbers.
+    """
+    real = demo.real_features(evaluator)
+    scores = {}
+    for method in ("naive", "FK-SMC MALA"):
+        res = demo.run_method("attributes", method, 20, 60, 0, denoiser, denoiser.classifier, population=20)
+        assert res.evals_per_output == pytest.approx(60, abs=2)
+        scores[method] = demo.judge_samples("attributes", res.samples, None, evaluator, real)
+    naive, fk = scores["naive"], scores["FK-SMC MALA"]
+    assert fk.on_target >= naive.on_target + 0.15, (naive, fk)
+
+
+def test_demo_cli_quick_writes_grids_and_table(tmp_path, capsys):
+    from comfy_poe.__main__ import main
+
+    out = tmp_path / "demo"
+    rc = main(["demo", "--quick", "--out", str(out), "--samples", "10", "--population", "10", "--budget", "12",
+               "--tasks", "class", "regions"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    table = (out / "table.md").read_text()
+    assert table.count("\n| 2.") == len(demo.METHODS) + 1 and table.count("\n| 3.") == len(demo.METHODS) + 1
+    assert "| task | method | on target" in printed
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 2 * (len(demo.METHODS) + 1)
+    from PIL import Image
+
+    with Image.open(out / pngs[0]) as image:
+        assert image.mode == "L" and image.size[0] > 0
+    assert "task2_class_fk_smc_mala.png" in (out / "index.md").read_text()
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files

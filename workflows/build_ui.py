@@ -1,0 +1,396 @@
+"""Dev tool: generate the UI-format twin of every API-format workflow shipped in this folder.
+
+ComfyUI lists every ``*.json`` of a pack's ``workflows/`` folder as a template. Templates must be in
+the UI (litegraph) format the frontend saves — nodes with positions, sockets, positional
+``widgets_values`` and a ``links`` table — while tests submit the API format
+(``{id: {"class_type", "inputs"}}``). The API files are the source of truth; this tool writes
+``<name>.json`` next to each ``<name>_api.json`` using a live server's ``/object_info`` (the only
+place that knows each node's input order, widget kinds and output types)::
+
+    python workflows/build_ui.py --server http://127.0.0.1:8188          # (re)write the UI twins
+    python -m comfy_poe.workflows.build_ui --server URL --check          # exit 1 if a twin is stale
+    python workflows/build_ui.py --object-info object_info.json          # offline, from a saved dump
+
+Generated files carry ``"extra": {"comfy_poe_generated_from": "<name>_api.json"}``; a UI workflow
+without that marker is hand-made and never overwritten. ``ui_to_api`` is the inverse (what the
+frontend's "Export (API)" does) and is what the round-trip test checks against the API twin.
+
+Frontend conventions reproduced (ComfyUI_frontend 1.27, which ComfyUI v0.3.64 pins):
+- inputs are ordered by ``input_order`` (required, then optional); a node's ``inputs`` array holds
+  its socket (non-widget) inputs in that order, followed by any widget input that is linked
+  (with ``"widget": {"name": ...}``) — unlinked widget inputs are not saved;
+- ``widgets_values`` holds one value per widget input in the same order; an INT input with
+  ``control_after_generate`` (or, by legacy convention, one named ``seed`` / ``noise_seed``) is
+  followed by the value of its "control after generate" widget, written as ``"fixed"`` so a
+  template reproduces its image;
+- links are ``[id, origin_id, origin_slot, target_id, target_slot, type]``, ``version`` 0.4.
+
+Standard library only: it must run with any Python, outside ComfyUI's venv.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+WORKFLOWS_DIR = Path(__file__).resolve().parent
+API_SUFFIX = "_api.json"
+GENERATED_KEY = "comfy_poe_generated_from"
+UI_VERSION = 0.4
+
+# Input types the frontend turns into widgets (core ComfyWidgets); V1 combos have a list as type.
+WIDGET_TYPES = frozenset({"INT", "FLOAT", "BOOLEAN", "STRING", "COMBO", "MARKDOWN"})
+LEGACY_SEED_NAMES = ("seed", "noise_seed")
+CONTROL_VALUE = "fixed"  # "control after generate": keep the seed, so the template is reproducible
+# Frontend-only nodes that never reach the server.
+VIRTUAL_NODES = frozenset({"Note", "MarkdownNote"})
+
+# Layout (pixels): columns by graph depth, nodes stacked in each column.
+COLUMN_WIDTH, ROW_GAP, ORIGIN = 420, 40, (40, 60)
+NODE_WIDTH, TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, TEXTAREA_HEIGHT = 360, 30, 22, 26, 96
+
+
+# --------------------------------------------------------------------------- object_info helpers
+
+
+def input_specs(info: dict) -> list[tuple[str, list, bool]]:
+    """``(name, spec, optional)`` for a node's inputs in the frontend's order: ``input_order``
+    required then optional (object_info dict order where absent). Hidden inputs are left out."""
+    inputs = info.get("input", {})
+    order = info.get("input_order", {})
+    out = []
+    for group, optional in (("required", False), ("optional", True)):
+        specs = inputs.get(group) or {}
+        names = [n for n in order.get(group, []) if n in specs]
+        names += [n for n in specs if n not in names]
+        out += [(name, specs[name], optional) for name in names]
+    return out
+
+
+def spec_type(spec) -> str:
+    return "COMBO" if isinstance(spec[0], list) else str(spec[0])
+
+
+def spec_options(spec) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def is_widget(spec) -> bool:
+    return spec_type(spec) in WIDGET_TYPES and not spec_options(spec).get("forceInput", False)
+
+
+def widget_count(name: str, spec) -> int:
+    """How many entries of ``widgets_values`` the input takes (2 with a control-after-generate widget)."""
+    options, kind = spec_options(spec), spec_type(spec)
+    control = options.get("control_after_generate")
+    if kind == "INT":
+        return 2 if (control if control is not None else name in LEGACY_SEED_NAMES) else 1
+    if control:
+        raise NotImplementedError(f"input {name!r}: a {kind} with control_after_generate (the frontend adds a "
+                                  "filter widget too) is not supported by this tool")
+    if options.get("image_upload") or options.get("video_upload") or options.get("animated_image_upload"):
+        raise NotImplementedError(f"input {name!r}: upload widgets are not supported by this tool")
+    return 1
+
+
+def default_value(spec):
+    options = spec_options(spec)
+    if "default" in options:
+        return options["default"]
+    if isinstance(spec[0], list):
+        return spec[0][0] if spec[0] else ""
+    if options.get("options"):
+        return options["options"][0]
+    return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False}.get(spec_type(spec), "")
+
+
+def output_types(info: dict) -> list[str]:
+    return ["COMBO" if isinstance(t, list) else str(t) for t in info.get("output", [])]
+
+
+def node_info(object_info: dict, class_type: str, where: str) -> dict:
+    info = object_info.get(class_type)
+    if info is None:
+        raise KeyError(f"{where}: node type {class_type!r} is not in /object_info "
+                       "(is the pack that defines it installed and loading without errors?)")
+    return info
+
+
+def is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int) and not isinstance(value[1], bool)
+
+
+# --------------------------------------------------------------------------- API -> UI
+
+
+def graph_depths(api: dict) -> dict[str, int]:
+    """Longest-path depth of each node from the graph's sources (its layout column)."""
+    depth: dict[str, int] = {}
+
+    def visit(node_id: str, stack: tuple) -> int:
+        if node_id in depth:
+            return depth[node_id]
+        if node_id in stack:
+            raise ValueError(f"node {node_id}: the workflow has a cycle")
+        sources = [str(v[0]) for v in api[node_id]["inputs"].values() if is_link(v)]
+        for src in sources:
+            if src not in api:
+                raise ValueError(f"node {node_id}: links to node {src}, which does not exist")
+        depth[node_id] = 1 + max((visit(s, stack + (node_id,)) for s in sources), default=-1)
+        return depth[node_id]
+
+    for node_id in api:
+        visit(node_id, ())
+    return depth
+
+
+def node_height(n_sockets: int, n_outputs: int, widget_specs: list) -> int:
+    rows = max(n_sockets, n_outputs)
+    widgets = sum(TEXTAREA_HEIGHT if spec_options(s).get("multiline") else WIDGET_HEIGHT * widget_count(n, s)
+                  for n, s in widget_specs)
+    return TITLE_HEIGHT + SLOT_HEIGHT * rows + widgets + 10
+
+
+def api_to_ui(api: dict, object_info: dict, source_name: str = "") -> dict:
+    """UI-format workflow (frontend save format, version 0.4) equivalent to the API-format ``api``."""
+    for node_id in api:
+        if not str(node_id).isdigit():
+            raise ValueError(f"node id {node_id!r}: UI workflows need integer node ids")
+    ids = sorted(api, key=int)
+    depths = graph_depths(api)
+    order = {node_id: i for i, node_id in enumerate(sorted(ids, key=lambda n: (depths[n], int(n))))}
+
+    nodes, links, outputs_of = [], [], {}
+    for node_id in ids:
+        node = api[node_id]
+        info = node_info(object_info, node["class_type"], f"node {node_id}")
+        outputs_of[node_id] = [{"name": name, "type": kind, "links": [], "slot_index": i}
+                               for i, (name, kind) in enumerate(zip(info.get("output_name", info.get("output", [])),
+                                                                    output_types(info)))]
+    for node_id in ids:
+        node, where = api[node_id], f"node {node_id} ({api[node_id]['class_type']})"
+        info = object_info[node["class_type"]]
+        specs = input_specs(info)
+        known = {name for name, _, _ in specs}
+        unknown = sorted(set(node["inputs"]) - known)
+        if unknown:
+            raise ValueError(f"{where}: inputs {unknown} do not exist on this node (stale workflow?)")
+        sockets = [(n, s) for n, s, _ in specs if not is_widget(s)]
+        sockets += [(n, s) for n, s, _ in specs if is_widget(s) and is_link(node["inputs"].get(n))]
+        widget_specs = [(n, s) for n, s, _ in specs if is_widget(s)]
+
+        inputs = []
+        for slot, (name, spec) in enumerate(sockets):
+            entry = {"name": name, "type": spec_type(spec), "link": None}
+            if is_widget(spec):
+                entry["widget"] = {"name": name}
+            value = node["inputs"].get(name)
+            if is_link(value):
+                src, src_slot = str(value[0]), value[1]
+                if src not in outputs_of or src_slot >= len(outputs_of[src]):
+                    raise ValueError(f"{where}: input {name!r} links to output {src_slot} of node {src}, which does not exist")
+                link_id = len(links) + 1
+                links.append([link_id, int(src), src_slot, int(node_id), slot, outputs_of[src][src_slot]["type"]])
+                outputs_of[src][src_slot]["links"].append(link_id)
+                entry["link"] = link_id
+            elif value is not None:
+                raise ValueError(f"{where}: input {name!r} is a socket of type {spec_type(spec)} but has a constant value")
+            elif not spec_optional(specs, name):
+                raise ValueError(f"{where}: required input {name!r} is not connected")
+            inputs.append(entry)
+
+        values = []
+        for name, spec in widget_specs:
+            value = node["inputs"].get(name)
+            if value is None or is_link(value):
+                if value is None:
+                    print(f"warning: {where}: widget {name!r} missing in the API workflow, using its default",
+                          file=sys.stderr)
+                value = default_value(spec)
+            values.append(value)
+            if widget_count(name, spec) == 2:
+                values.append(CONTROL_VALUE)
+
+        ui_node = {
+            "id": int(node_id), "type": node["class_type"], "pos": [0, 0],
+            "size": [NODE_WIDTH, node_height(len(sockets), len(outputs_of[node_id]), widget_specs)],
+            "flags": {}, "order": order[node_id], "mode": 0,
+            "inputs": inputs, "outputs": outputs_of[node_id],
+            "properties": {"Node name for S&R": node["class_type"]},
+            "widgets_values": values,
+        }
+        title = node.get("_meta", {}).get("title")
+        if title and title != info.get("display_name"):
+            ui_node["title"] = title
+        nodes.append(ui_node)
+
+    layout(nodes, depths)
+    extra = {GENERATED_KEY: source_name} if source_name else {}
+    return {
+        "last_node_id": max((n["id"] for n in nodes), default=0),
+        "last_link_id": len(links),
+        "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": extra, "version": UI_VERSION,
+    }
+
+
+def spec_optional(specs, name: str) -> bool:
+    return any(optional for n, _, optional in specs if n == name)
+
+
+def layout(nodes: list[dict], depths: dict[str, int]) -> None:
+    """Left-to-right layering: column = depth, nodes stacked top-down by id within a column."""
+    columns: dict[int, list[dict]] = {}
+    for node in nodes:
+        columns.setdefault(depths[str(node["id"])], []).append(node)
+    for depth, column in columns.items():
+        y = ORIGIN[1]
+        for node in sorted(column, key=lambda n: n["id"]):
+            node["pos"] = [ORIGIN[0] + depth * COLUMN_WIDTH, y]
+            y += node["size"][1] + ROW_GAP
+
+
+# --------------------------------------------------------------------------- UI -> API
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """API-format prompt of a UI-format workflow (what the frontend's "Export (API)" produces,
+    ``_meta.title`` included). Supports plain graphs: muted / bypassed nodes, reroutes, primitive
+    nodes and subgraphs are refused with an error; notes are skipped."""
+    if ui.get("definitions", {}).get("subgraphs"):
+        raise NotImplementedError("subgraphs are not supported")
+    links = {}
+    for link in ui.get("links", []):
+        link_id, src, src_slot, dst, dst_slot, kind = link[:6]
+        links[link_id] = (src, src_slot, dst, dst_slot, kind)
+    api = {}
+    for node in sorted(ui["nodes"], key=lambda n: n["id"]):
+        where = f"node {node['id']} ({node['type']})"
+        if node["type"] in VIRTUAL_NODES:
+            continue
+        if node.get("mode", 0) != 0:
+            raise NotImplementedError(f"{where}: muted or bypassed nodes are not supported")
+        info = node_info(object_info, node["type"], where)
+        linked = {}
+        for slot, entry in enumerate(node.get("inputs", [])):
+            if entry.get("link") is None:
+                continue
+            if entry["link"] not in links:
+                raise ValueError(f"{where}: input {entry['name']!r} uses link {entry['link']}, which is not in 'links'")
+            src, src_slot, dst, dst_slot, _ = links[entry["link"]]
+            if dst != node["id"] or dst_slot != slot:
+                raise ValueError(f"{where}: link {entry['link']} ends at node {dst} slot {dst_slot}, "
+                                 f"but input {entry['name']!r} is slot {slot} of node {node['id']}")
+            linked[entry["name"]] = [str(src), src_slot]
+        values = list(node.get("widgets_values") or [])
+        inputs, i = {}, 0
+        for name, spec, _ in input_specs(info):
+            if is_widget(spec):
+                count = widget_count(name, spec)
+                if i + count > len(values):
+                    raise ValueError(f"{where}: widgets_values has {len(values)} entries, too few for widget {name!r}")
+                if name not in linked:
+                    inputs[name] = values[i]
+                i += count
+            if name in linked:
+                inputs[name] = linked[name]
+        if i != len(values):
+            raise ValueError(f"{where}: widgets_values has {len(values)} entries but the node's widgets take {i}")
+        unknown = sorted(set(linked) - set(inputs))
+        if unknown:
+            raise ValueError(f"{where}: inputs {unknown} do not exist on this node")
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
+                                "_meta": {"title": node.get("title") or info.get("display_name") or node["type"]}}
+    return api
+
+
+def strip_meta(api: dict) -> dict:
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def api_workflows(folder: Path = WORKFLOWS_DIR) -> list[Path]:
+    return sorted(folder.glob("*" + API_SUFFIX))
+
+
+def ui_twin_path(api_path: Path) -> Path:
+    return api_path.with_name(api_path.name[: -len(API_SUFFIX)] + ".json")
+
+
+def is_generated(ui: dict) -> bool:
+    return GENERATED_KEY in (ui.get("extra") or {})
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def fetch_object_info(server: str) -> dict:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(server.rstrip("/") + "/object_info", timeout=60) as resp:
+        return json.load(resp)
+
+
+def build_all(object_info: dict, folder: Path = WORKFLOWS_DIR, check: bool = False, log=print) -> int:
+    """(Re)write every generated UI twin; with ``check`` only compare. Returns the number of
+    twins that are missing or differ from what would be generated."""
+    stale = 0
+    for api_path in api_workflows(folder):
+        ui_path = ui_twin_path(api_path)
+        api = json.loads(api_path.read_text(encoding="utf-8"))
+        ui = api_to_ui(api, object_info, api_path.name)
+        if strip_meta(ui_to_api(ui, object_info)) != strip_meta(api):  # the generator's own round trip
+            raise AssertionError(f"{api_path.name}: UI -> API round trip differs; fix build_ui.py")
+        if ui_path.exists():
+            current = json.loads(ui_path.read_text(encoding="utf-8"))
+            if not is_generated(current):
+                log(f"skip {ui_path.name}: hand-made (no extra.{GENERATED_KEY})")
+                continue
+            if current == ui:
+                log(f"ok    {ui_path.name}")
+                continue
+        stale += 1
+        if check:
+            log(f"STALE {ui_path.name}: regenerate with workflows/build_ui.py --server URL")
+        else:
+            write_json_atomic(ui_path, ui)
+            log(f"wrote {ui_path.name}")
+    for ui_path in sorted(folder.glob("*.json")):
+        if ui_path.name.endswith(API_SUFFIX):
+            continue
+        twin = ui_path.with_name(ui_path.stem + API_SUFFIX)
+        if not twin.exists() and is_generated(json.loads(ui_path.read_text(encoding="utf-8"))):
+            log(f"orphan {ui_path.name}: generated from {twin.name}, which no longer exists (delete it?)")
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--server", help="URL of a running ComfyUI with this pack loaded, e.g. http://127.0.0.1:8188")
+    source.add_argument("--object-info", type=Path, help="a saved /object_info JSON instead of a server")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a UI twin is missing or stale")
+    parser.add_argument("--folder", type=Path, default=WORKFLOWS_DIR, help="workflow folder (default: this one)")
+    args = parser.parse_args(argv)
+    object_info = (fetch_object_info(args.server) if args.server
+                   else json.loads(args.object_info.read_text(encoding="utf-8")))
+    stale = build_all(object_info, args.folder, check=args.check)
+    return 1 if (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
