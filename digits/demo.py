@@ -38,8 +38,6 @@ true share (:func:`true_share_of_six`: the data share, exact for the AND product
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +45,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..fileio import atomic_write, atomic_write_text
 from ..experts import DiscriminativeExpert, GenerativeExpert, ProductOfExperts
 from ..samplers import PRESETS, SMCReport, sample_best_of_n, sample_naive_composition, sample_poe_smc
 from . import classifier_log_prob, load_classifier, load_denoiser, load_evaluator, real_digits
@@ -61,7 +60,7 @@ CANVAS_WIDTH = 12  # two 8-wide windows sharing 4 columns
 RIGHT_START = CANVAS_WIDTH - 8
 TASKS = ("attributes", "class", "regions")
 TASK_TITLES = {
-    "attributes": "1. even × ≥5 → {6, 8}",
+    "attributes": "1. even AND ≥5 → {6, 8}",
     "class": "2. unconditional × classifier",
     "regions": "3. overlapping windows",
 }
@@ -434,29 +433,11 @@ def save_grid(samples: torch.Tensor, path: Path, columns: int = 16, scale: int =
         canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = pix[i]
     image = Image.fromarray(canvas.numpy(), mode="L").resize((canvas.shape[1] * scale, canvas.shape[0] * scale),
                                                              Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_").replace("__", "_")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 TABLE_HEADER = ("| task | method | on target | 6-share (err) | FD vs real | evals/output | judge evals/output "
@@ -512,8 +493,9 @@ def run_demo(out_dir="demo_out", samples: int = 200, budget: int = 30, seed: int
     notes = [f"Budget: {budget} product-model evaluations per output sample; {samples} samples per method; "
              f"seed {seed}; model {model}; FK-SMC population {population}."]
     if true_share is not None and "attributes" in tasks:
-        notes.append(f"Task 1: 6-share error is against the exact product's share {true_share:.2f} (FK-SMC log Z "
-                     "estimate, noisy); the {6, 8}-conditional model (reference row) gives the data prior ~0.51.")
+        notes.append(f"Task 1: the target is even AND >=5 = p(x|even) p(x|>=5) / p(x); its exact 6-share among {{6, 8}} "
+                     f"is the data prior's {true_share:.2f} (error in brackets). FK-SMC returns whole populations, "
+                     "which end on one class each: read its share together with FD (diversity).")
     table = "\n".join([TABLE_HEADER] + rows)
     atomic_write_text(out / "table.md", table + "\n\n" + "\n".join(notes) + "\n")
     atomic_write_text(out / "index.md", "\n".join(index + ["## Table", "", table, "", *notes]) + "\n")
