@@ -72,13 +72,17 @@ class LoraStack(io.ComfyNode):
                                tooltip="Weight of this LoRA's text-encoder modules (0 drops them from the merge)."),
                 LoraStackType.Input("lora_stack", optional=True,
                                     tooltip="Stack to append to (leave empty to start a new one)."),
+                io.String.Input("saved_lora", optional=True, force_input=True,
+                                tooltip="Link the lora_name output of a node that saves a LoRA earlier in this graph "
+                                        "(e.g. Save Trained LoRA): it replaces lora_name, and the link makes the "
+                                        "merge wait until that file is written."),
             ],
             outputs=[LoraStackType.Output(display_name="lora_stack")],
         )
 
     @classmethod
-    def execute(cls, lora_name, weight, clip_weight, lora_stack=None) -> io.NodeOutput:
-        return io.NodeOutput(list(lora_stack or []) + [(lora_name, weight, clip_weight)])
+    def execute(cls, lora_name, weight, clip_weight, lora_stack=None, saved_lora=None) -> io.NodeOutput:
+        return io.NodeOutput(list(lora_stack or []) + [(saved_lora or lora_name, weight, clip_weight)])
 
 
 class LoraMerge(io.ComfyNode):

@@ -41,6 +41,9 @@ def _api_twin(ui_path: Path) -> dict:
     return _load(ui_path.with_name(ui_path.stem + build_ui.API_SUFFIX))
 
 
+USER_FOLDER_INPUTS = {"llm_name", "model_name"}  # combos listing folders under models/LLM, models/vlm
+
+
 def check_widget_value(where: str, name: str, spec, value) -> None:
     kind, options = build_ui.spec_type(spec), build_ui.spec_options(spec)
     if kind == "INT":
@@ -54,8 +57,9 @@ def check_widget_value(where: str, name: str, spec, value) -> None:
         assert isinstance(value, str), f"{where}: {name}={value!r} is not a STRING"
     elif kind == "COMBO":
         choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
-        # model / file lists depend on the user's folders: empty here, or a file name the test box lacks
-        if choices and not str(value).endswith(MODEL_FILE_SUFFIXES):
+        # model / file lists depend on the user's folders: empty here, or a file name the test box lacks;
+        # model *folders* (LLM, VLM, CLIP judges) have no suffix, so they are exempt by input name
+        if choices and not str(value).endswith(MODEL_FILE_SUFFIXES) and name not in USER_FOLDER_INPUTS:
             assert value in choices, f"{where}: {name}={value!r} is not one of {choices}"
     if kind in ("INT", "FLOAT"):
         assert options.get("min", -math.inf) <= value <= options.get("max", math.inf), \
