@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ..fileio import atomic_write_bytes
 from ..experts import PIXEL, evaluate_potentials
 
 FORMAT = "comfy_poe.selma.dataset/1"
@@ -70,16 +70,7 @@ def item_seed(seed: int, prompt: str, sample: int) -> int:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def image_to_png_bytes(image: torch.Tensor) -> bytes:

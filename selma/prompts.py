@@ -14,16 +14,15 @@ and samples at temperature 1.0 with its own seeded ``torch.Generator``, so a run
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from ..fileio import atomic_write_text
 from ..experts.vlm import VLMFolderError, check_model_folder, freeze, resolve_dtype, weight_files
 from .presets import SkillPreset
 from .rouge import DEFAULT_THRESHOLD, RougePool
@@ -207,17 +206,7 @@ def generate_skill_prompts(preset: SkillPreset, generate: Callable[[str], str], 
 # --------------------------------------------------------------------------------------- saving
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def save_prompts(run: PromptRun, path) -> tuple[Path, Path]:
