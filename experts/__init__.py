@@ -5,6 +5,6 @@ from .base import (
 )
 from .generative import (
     POE_CAPTURE_KEY, ExpertPredictions, GenerativeExpert, PoECapture, ProductOfExperts, capture_predictions,
-    combine_denoised, evaluate_experts, mask_for, plan_expert_calls, weight_sum,
+    combine_denoised, evaluate_experts, mask_for, plan_expert_calls,
 )
 from .gmm import GaussianMixture, GMMDenoiser, gaussian_reward, product_of_mixtures

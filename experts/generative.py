@@ -216,14 +216,6 @@ def combine_denoised(x: torch.Tensor, sigma, components, parameterization: str) 
     return torch.where(pure_noise, mean / lam, (x + acc) / torch.where(pure_noise, torch.ones_like(s), 1 - s))
 
 
-def weight_sum(components, like: torch.Tensor) -> torch.Tensor:
-    """Λ = Σ_k W_k per element (the product's total exponent; 1 for a plain or CFG'd single model)."""
-    total = torch.zeros_like(like)
-    for _, w in components:
-        total = total + w
-    return total
-
-
 def coverage(experts: Sequence[GenerativeExpert], x: torch.Tensor) -> Optional[torch.Tensor]:
     """Σ_i M_i per element, or None when some expert is unmasked (covers everything)."""
     total = None

@@ -118,6 +118,7 @@ class PoEGuider(comfy.samplers.CFGGuider):
             patcher.set_additional_models("poe_experts", others)
         super().__init__(patcher)
         self.specs, self.base_spec = list(specs), base
+        self._masks: dict = {}
         conds, self._keys, known = {}, [], {}
 
         def key_for(cond, negative):
@@ -138,11 +139,19 @@ class PoEGuider(comfy.samplers.CFGGuider):
         for spec, (pk, nk) in zip(self.specs + ([self.base_spec] if self.base_spec else []), self._keys):
             base_model = spec.model.model  # clones share their BaseModel; one handle per distinct model
             handle = handles.setdefault(id(base_model), _ModelHandle(base_model, parameterization_of(base_model.model_sampling)))
-            mask = prepare_mask(spec.mask, x.shape, spec.feather).to(x.device, x.dtype) if spec.mask is not None else None
+            mask = self._mask(spec, x) if spec.mask is not None else None
             experts.append(GenerativeExpert(handle, self.conds[pk], self.conds[nk] if nk else None,
                                             cfg=spec.cfg if nk else 1.0, weight=spec.weight, mask=mask, name=spec.name))
         base = experts.pop() if self.base_spec is not None else None
         return experts, base
+
+    def _mask(self, spec: ExpertSpec, x):
+        """The expert's mask resized and feathered for this latent shape, computed once per shape (this
+        runs on every model evaluation)."""
+        key = (id(spec), tuple(x.shape), x.device, x.dtype)
+        if key not in self._masks:
+            self._masks[key] = prepare_mask(spec.mask, x.shape, spec.feather).to(x.device, x.dtype)
+        return self._masks[key]
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         experts, base = self._engine_experts(x)

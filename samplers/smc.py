@@ -173,8 +173,10 @@ class _Eval:
 class _Evaluator:
     """Evaluates the (combined) model on particles in chunks, in VE coordinates, counting calls."""
 
-    def __init__(self, model, extra_args, parameterization, fk_mode, chunk, batch, interrupt=None):
+    def __init__(self, model, extra_args, parameterization, fk_mode, chunk, batch, interrupt=None,
+                 need_consensus=False):
         self.model = model
+        self.need_consensus = need_consensus  # judges score D̄, so the components are needed even without FK
         self.interrupt = interrupt
         self.extra_args = dict(extra_args or {})
         self.base_options = dict(self.extra_args.pop("model_options", None) or {})
@@ -183,7 +185,6 @@ class _Evaluator:
         self.chunk = max(batch, (chunk // batch) * batch) if chunk else None
         self.calls = 0
         self.particle_evals = 0
-        self.saw_components = False
 
     def native(self, y: torch.Tensor, s_ve: float) -> tuple[torch.Tensor, float]:
         if not self.flow:
@@ -191,7 +192,8 @@ class _Evaluator:
         s = 1.0 if math.isinf(s_ve) else s_ve / (1.0 + s_ve)
         return y * (1.0 - s), s
 
-    def __call__(self, y, s_ve: float, x_native: Optional[torch.Tensor] = None, count: bool = True):
+    def __call__(self, y, s_ve: float, x_native: Optional[torch.Tensor] = None, count: bool = True,
+                 need_lam: bool = False):
         """Model outputs at VE state y: combined D, FK numerator (N,), Λ (or None) and the x̂0 judges see.
 
         Judges see the experts' consensus D̄ = Σ W_k D_k / Λ rather than the combined D = y + Λ (D̄ − y):
@@ -199,7 +201,11 @@ class _Evaluator:
         prediction extrapolates to ≈ (1 − Λ) y at high noise, which no reward can judge sensibly.
 
         ``x_native`` is given instead of y when the VE state is infinite (a flow model at σ = 1).
+        The per-expert components are only reduced when something needs them (FK weights, judges, Λ):
+        the naive baseline pays nothing beyond the model call.
         """
+        fk_here = self.fk_mode != "off" and not math.isinf(s_ve)
+        use_components = fk_here or self.need_consensus or need_lam
         if self.interrupt is not None:
             self.interrupt()
         x, s = self.native(y, s_ve) if x_native is None else (x_native, 1.0)
@@ -218,14 +224,13 @@ class _Evaluator:
             outs.append(denoised)
             num = torch.zeros(xc.shape[0], dtype=torch.float64, device=xc.device)
             x0 = denoised
-            if capture.predictions is not None:
+            if capture.predictions is not None and use_components:
                 mode = "full" if self.fk_mode == "off" else self.fk_mode
                 ref = xc if math.isinf(s_ve) else y[start:start + step]
                 fk_num, lam, d_bar = fk_product_numerator(ref, capture.predictions.components(xc, mode))
                 lams.append(lam)
                 x0 = d_bar.to(denoised.dtype)
-                if self.fk_mode != "off" and not math.isinf(s_ve):
-                    self.saw_components = True
+                if fk_here:
                     num = fk_num
             nums.append(num)
             consensus.append(x0)
@@ -313,7 +318,8 @@ def sample_poe_smc(
     sig_native = [float(s) for s in sigmas]
     sig_ve = [sigma_to_ve(s, param) for s in sig_native]
     n_levels = len(sig_native)
-    evaluator = _Evaluator(model, extra_args, param, fk_correction, chunk_size, B, interrupt)
+    evaluator = _Evaluator(model, extra_args, param, fk_correction, chunk_size, B, interrupt,
+                           need_consensus=bool(judges))
 
     def noise_like(t: torch.Tensor) -> torch.Tensor:
         return torch.randn(t.shape, generator=gen, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
@@ -354,8 +360,7 @@ def sample_poe_smc(
                 total = total + evaluate_potentials(noisy, x_t, None, x_t=x_t, sigma=sig).sum()
             clean = [j for j in diff if not j.noisy]
             if clean:
-                ev = evaluator(yg, sig_ve[level], count=False)
-                evaluator.calls += 1
+                ev = evaluator(yg, sig_ve[level])
                 total = total + evaluate_potentials(clean, ev.x0, decode).sum()
             (grad,) = torch.autograd.grad(betas[level] * total, yg, allow_unused=True)
         return torch.zeros_like(y) if grad is None else grad.detach()
@@ -375,7 +380,7 @@ def sample_poe_smc(
     if prior_scaling and pure_noise:
         # the product of the experts' Gaussian priors N(0, σ²)^{W_k} is N(0, σ²/Λ): start there
         probe_y = None if start_inf else (x_part[:B] / (1.0 - sig_native[0]) if flow else x_part[:B])
-        lam = evaluator(probe_y, s0, x_native=x_part[:B] if start_inf else None, count=False).lam
+        lam = evaluator(probe_y, s0, x_native=x_part[:B] if start_inf else None, count=False, need_lam=True).lam
         if lam is not None:
             if (lam <= 0).any():
                 raise ValueError("the experts' weights must sum to a positive value everywhere (got Λ <= 0)")
