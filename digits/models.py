@@ -124,11 +124,14 @@ class DigitsDenoiser:
           p(c | x_σ, S) = p(c | x_σ) / Σ_{c'∈S} p(c' | x_σ),
       with p(c | x_σ) from the attached noise-aware guidance classifier (the class prior is uniform enough,
       ~10% each, that renormalising the classifier's posterior over S is the posterior given y ∈ S).
-      A one-element set is just the class. Needs ``classifier`` (else a clear error).
+      A one-element set is just the class; the set of all ten classes is the unconditional model of the
+      same family (the mixture, not the null class — see the demo's task 1 for why that matters).
+      Needs ``classifier`` (else a clear error).
     - an int64 tensor of shape (N,): per-sample labels 0..10 (10 = null class).
 
-    All conditionings of one call (and every class of every set) go through ONE batched UNet forward
-    (optionally split into chunks of ``max_batch`` rows). ``n_evals`` counts UNet rows evaluated.
+    All conditionings of one call (and every class of every set) go through ONE batched UNet forward, each
+    distinct class once (optionally split into chunks of ``max_batch`` rows). ``n_evals`` counts UNet rows
+    evaluated.
     """
 
     parameterization = "eps"
@@ -193,14 +196,24 @@ class DigitsDenoiser:
         n = x.shape[0]
         sigma = _per_sample_sigma(sigma, x)
         parsed = [self._parse(c, n, i) for i, c in enumerate(conds)]
-        row_labels, blocks = [], []  # blocks[i] = list of (start block index, class) per conditioning
+        # One UNet row block per distinct class: attribute experts and single classes that share a class
+        # (even, ≥5 and the all-classes mixture of task 1) reuse its block instead of recomputing it.
+        row_labels, blocks, block_of_class = [], [], {}
+
+        def block(labels: torch.Tensor, key=None) -> int:
+            if key is not None and key in block_of_class:
+                return block_of_class[key]
+            row_labels.append(labels)
+            if key is not None:
+                block_of_class[key] = len(row_labels) - 1
+            return len(row_labels) - 1
+
         for kind, value in parsed:
             if kind == "labels":
-                blocks.append([len(row_labels)])
-                row_labels.append(value)
+                constant = int(value[0]) if n and bool((value == value[0]).all()) else None
+                blocks.append([block(value, constant)])
             else:
-                blocks.append([len(row_labels) + j for j in range(len(value))])
-                row_labels.extend(torch.full((n,), c, dtype=torch.int64) for c in value)
+                blocks.append([block(torch.full((n,), c, dtype=torch.int64), c) for c in value])
         k = len(row_labels)
         if k == 0:
             return []

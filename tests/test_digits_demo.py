@@ -53,21 +53,33 @@ def test_windowed_denoiser_matches_the_8x8_model_inside_each_window(denoiser):
 
 
 def test_fk_smc_beats_naive_on_the_attribute_product(denoiser, evaluator):
-    """Task 1 ("even AND ≥5") at seed 0, 20 samples, 60 product evaluations per output for both methods:
-    FK-SMC's fraction in {6, 8} exceeds naive composition's by >= 0.15 (measured 1.00 vs 0.68-0.75).
+    """Task 1 ("even AND ≥5") at seed 0, 40 samples (two FK-SMC populations of 20), 60 product evaluations
+    per output for both methods.
 
-    Not asserted, because it does not hold at this budget: mode balance. One 20-particle population
-    collapses onto one class after resampling, so its 6-share is 0 or 1, while naive composition
-    already gets the share about right (0.48 vs the exact 0.51). See README "Digits" for the numbers.
+    Asserted: FK-SMC's fraction in {6, 8} exceeds naive composition's by >= 0.1 (measured 1.00 vs 0.82), and
+    FK-SMC keeps both classes: its 6-share is within 0.3 of the exact 0.51 (measured 0.28). The second
+    margin is loose on purpose — the 20 particles of a population share ancestors, so one population's share
+    moves by ±0.2 between seeds — but it fails on the bug it guards against: with the null-class model as
+    the −1 expert every population collapsed onto 8s (share 0.00-0.01).
+
+    Not asserted, because it does not hold: a mode-balance win. On this Λ = 1 target naive composition already
+    gets the share right on average (0.50 ± 0.03 over 3 seeds); FK-SMC's is right on average but noisier.
     """
     real = demo.real_features(evaluator)
     scores = {}
     for method in ("naive", "FK-SMC MALA"):
-        res = demo.run_method("attributes", method, 20, 60, 0, denoiser, denoiser.classifier, population=20)
+        res = demo.run_method("attributes", method, 40, 60, 0, denoiser, denoiser.classifier, population=20)
         assert res.evals_per_output == pytest.approx(60, abs=2)
         scores[method] = demo.judge_samples("attributes", res.samples, None, evaluator, real)
     naive, fk = scores["naive"], scores["FK-SMC MALA"]
-    assert fk.on_target >= naive.on_target + 0.15, (naive, fk)
+    assert fk.on_target >= naive.on_target + 0.1, (naive, fk)
+    assert abs(fk.share_six - demo.true_share_of_six()) <= 0.3, (naive, fk)
+
+
+def test_class_total_variation_against_the_exact_classes():
+    pred = torch.tensor([6, 6, 8, 3])  # 6: 0.5, 8: 0.25, 3: 0.25 vs exact 6: 0.6, 8: 0.4
+    assert demo.class_total_variation(pred, 0.6) == pytest.approx(0.5 * (0.1 + 0.15 + 0.25))
+    assert demo.class_total_variation(torch.tensor([6, 8]), 0.5) == pytest.approx(0.0)
 
 
 def test_demo_cli_quick_writes_grids_and_table(tmp_path, capsys):

@@ -157,6 +157,22 @@ def test_batched_denoise_equals_separate_calls(denoiser):
     assert denoiser.parameterization == "eps"
 
 
+def test_shared_classes_are_evaluated_once(denoiser):
+    """Task 1's experts (even, ≥5, all ten classes) need each class once: 10 UNet rows per sample, not 20."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 1, 8, 8, generator=g)
+    sigma = torch.tensor([0.2, 1.0, 5.0])
+    conds = [{0, 2, 4, 6, 8}, {5, 6, 7, 8, 9}, set(range(10)), 6, None]
+    with torch.no_grad():
+        before = denoiser.n_evals
+        shared = denoiser.denoise(x, sigma, conds)
+        rows = denoiser.n_evals - before
+        separate = [denoiser.denoise(x, sigma, [c])[0] for c in conds]
+    assert rows == 11 * x.shape[0]  # classes 0..9 once, plus the null class
+    for a, b in zip(shared, separate):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_attribute_expert_is_the_classifier_weighted_mixture(denoiser, classifier):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 1, 8, 8, generator=g)
