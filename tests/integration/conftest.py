@@ -119,6 +119,29 @@ def shipped_api_workflows() -> list[Path]:
     return sorted(WORKFLOWS_DIR.glob("*_api.json"))
 
 
+# Shipped workflows carry real SD1.5 values (512-768 px, 20+ steps); on the tiny CPU checkpoint we keep
+# their graph and aspect ratios but shrink sizes 8x and cut steps and particles.
+PIXEL_INPUTS = {"EmptyLatentImage": ("width", "height"), "SolidMask": ("width", "height"),
+                "MaskComposite": ("x", "y"), "PoESelmaSkillDataset": ("width", "height")}
+CPU_CAPS = {"steps": 3, "particles": 2, "mcmc_steps": 1, "batch_size": 1}
+
+
+def shrink_for_cpu(prompt: dict, **caps: int) -> dict:
+    """Shrink an API workflow in place for the tiny CPU checkpoint: pixel sizes / 8 (positions may be 0,
+    sizes stay ≥ 8) and integer inputs named in ``CPU_CAPS`` (or ``caps``, which override them) capped.
+    A 0 stays 0 (nodes where 0 means "the preset's value" must be set explicitly by the caller)."""
+    caps = {**CPU_CAPS, **caps}
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for name in PIXEL_INPUTS.get(node["class_type"], ()):
+            if isinstance(inputs.get(name), int):
+                inputs[name] = max(inputs[name] // 8, 0 if name in ("x", "y") else 8)
+        for name, cap in caps.items():
+            if isinstance(inputs.get(name), int) and not isinstance(inputs.get(name), bool):
+                inputs[name] = min(inputs[name], cap)
+    return prompt
+
+
 def combo_options(spec) -> list:
     """Options of a combo input from /object_info, for both the V1 ([list, {...}]) and the
     V3 ("COMBO", {"options": [...]}) spellings."""
@@ -334,3 +357,9 @@ def tiny_checkpoint_name(comfy_server) -> str:
 def api_workflow(tiny_checkpoint_name):
     """``api_workflow(path) -> prompt`` with every checkpoint pointed at the tiny checkpoint."""
     return lambda path: load_api_workflow(path, tiny_checkpoint_name)
+
+
+@pytest.fixture
+def cpu_api_workflow(api_workflow):
+    """``cpu_api_workflow(path, **caps) -> prompt``: the tiny checkpoint, then :func:`shrink_for_cpu`."""
+    return lambda path, **caps: shrink_for_cpu(api_workflow(path), **caps)

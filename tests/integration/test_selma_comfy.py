@@ -1,6 +1,11 @@
 """SELMA nodes in a real ComfyUI: a programmed tiny LLM in models/LLM writes skill prompts, the tiny
 SD1.5 checkpoint generates them into a dataset folder that a second run extends (resume), and the Skill
-LoRA Trainer trains on a dataset made in-test and its LoRA is saved with Save Trained LoRA."""
+LoRA Trainer trains on a dataset made in-test and its LoRA is saved with Save Trained LoRA.
+
+The shipped chain (workflows/selma_chain_api.json: prompts → dataset → skill LoRA → save, per skill, then
+LoRA Stack → LoRA Merge → sample) runs end to end at tiny sizes; the merged file is checked against the
+skill LoRAs and through the core LoraLoader."""
+import contextlib
 import importlib.util
 import json
 import shutil
@@ -8,7 +13,9 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.integration
 
@@ -20,18 +27,25 @@ _spec.loader.exec_module(selma_unit)
 SKILL = selma_unit.TINY_SKILL
 
 
-@pytest.fixture
-def tiny_llm(comfy_server):
+@contextlib.contextmanager
+def programmed_llm_in_models(comfy_server, answer_lines):
+    """A programmed tiny Llama (see test_selma.build_tiny_llm) in models/LLM, removed afterwards."""
     root = comfy_server.comfy_dir / "models" / "LLM"
     created_root = not root.exists()
     folder = root / f"poe_itest_llm_{uuid.uuid4().hex[:8]}"
     try:
-        selma_unit.build_tiny_llm(folder, selma_unit.TINY_ANSWER)
+        selma_unit.build_tiny_llm(folder, answer_lines)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         if created_root and root.exists() and not any(root.iterdir()):
             root.rmdir()
+
+
+@pytest.fixture
+def tiny_llm(comfy_server):
+    with programmed_llm_in_models(comfy_server, selma_unit.TINY_ANSWER) as folder:
+        yield folder
 
 
 def workflow(checkpoint: str, llm_name: str, dataset: str, images_per_prompt: int) -> dict:
@@ -135,3 +149,154 @@ def test_skill_lora_trainer_trains_and_the_lora_is_saved(comfy_server, tiny_chec
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(comfy_server.output_dir / "selma" / name, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ the shipped chain, end to end
+
+CHAIN_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "selma_chain_api.json"
+# Every line passes the 'count' (a number word ≤ 3) and 'spatial' preset filters; the second is a
+# near-duplicate of the first (ROUGE-L), so each skill collects exactly these two prompts.
+CHAIN_ANSWER = ["4. Two frogs on a sofa.\n", "5. Two small frogs on a sofa.\n", "6. One fox under a desk.\n"]
+CHAIN_PROMPTS = ["Two frogs on a sofa.", "One fox under a desk."]
+TRAIN_STEPS, LR = 1, 5e-3  # one step at a large lr: the LoRA must visibly change the image
+# The input through which each per-skill node descends from its skill's Skill Prompts node.
+SKILL_LINK = {"PoESelmaSkillDataset": "prompts", "PoESelmaSkillLoRATrainer": "dataset_path",
+              "PoESaveTrainedLoRA": "lora", "PoELoraStack": "saved_lora"}
+
+
+def skill_of(prompt: dict, node_id: str) -> str | None:
+    node = prompt[node_id]
+    if node["class_type"] == "PoESelmaSkillPrompts":
+        return node["inputs"]["skill"]
+    link = node["inputs"].get(SKILL_LINK.get(node["class_type"], ""))
+    return skill_of(prompt, link[0]) if isinstance(link, list) else None
+
+
+def shrink_selma_chain(prompt: dict, llm_name: str, tag: str) -> dict[str, dict[str, str]]:
+    """Point the (already CPU-shrunk) chain at the tiny LLM, 2 prompts per skill, TRAIN_STEPS steps of a
+    rank-4 LoRA, and put every file it writes under a ``tag`` folder. The programmed LLM writes the same
+    prompts for every skill, so each skill's dataset gets its own seed (else the skill LoRAs would be
+    identical and the merge check trivial). Returns {skill: {class_type: node id}}."""
+    per_skill: dict[str, dict[str, str]] = {}
+    skills = sorted(n["inputs"]["skill"] for n in prompt.values() if n["class_type"] == "PoESelmaSkillPrompts")
+    for node_id, node in prompt.items():
+        kind, inputs, skill = node["class_type"], node["inputs"], skill_of(prompt, node_id)
+        if skill is not None:
+            per_skill.setdefault(skill, {})[kind] = node_id
+        if kind == "PoESelmaSkillPrompts":
+            inputs.update(llm_name=llm_name, count=2, max_attempts=3, max_new_tokens=16, dtype="float32",
+                          save_name=f"{tag}/prompts/{skill}")
+        elif kind == "PoESelmaSkillDataset":
+            inputs.update(dataset_name=f"{tag}/{skill}", seed=skills.index(skill))
+        elif kind == "PoESelmaSkillLoRATrainer":
+            inputs.update(steps=TRAIN_STEPS, lr=LR, rank=4, batch_size=2, run_name=f"{tag}/{skill}")
+        elif kind == "PoESaveTrainedLoRA":
+            inputs.update(save_name=f"{tag}/{skill}")
+        elif kind == "PoELoraStack":
+            inputs.update(lora_name=f"{tag}/{skill}.safetensors")
+        elif kind == "PoELoraMerge":
+            inputs.update(save_name=f"{tag}/merged")
+        elif kind == "SaveImage":
+            inputs.update(filename_prefix=f"{tag}/{inputs['filename_prefix']}")
+    return per_skill
+
+
+def relink(nodes: dict, old: str, new: str) -> dict:
+    """A copy of ``nodes`` with every link from node ``old`` redirected to node ``new``."""
+    nodes = json.loads(json.dumps(nodes))
+    for node in nodes.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] == old:
+                node["inputs"][name] = [new, value[1]]
+    return nodes
+
+
+def saved_image(server, entry) -> np.ndarray:
+    (path,) = [p for p in server.output_files(entry) if p.is_relative_to(server.output_dir)]
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+
+def test_shipped_selma_chain_runs_end_to_end(comfy_server, cpu_api_workflow):
+    import torch
+
+    from comfy_poe.lora import load_lora_file, parse_state_dict
+
+    prompt = cpu_api_workflow(CHAIN_WORKFLOW, steps=1, batch_size=2)  # 64×64, 1 sampling step
+    tag = f"comfy_poe_itest_selma_{uuid.uuid4().hex[:8]}"
+    out, loras = comfy_server.output_dir, comfy_server.comfy_dir / "models" / "loras"
+    entries = []
+    with contextlib.ExitStack() as cleanup:
+        llm = cleanup.enter_context(programmed_llm_in_models(comfy_server, CHAIN_ANSWER))
+        for folder in (loras / tag, out / "selma" / tag, out / "comfy_poe_training" / tag, out / tag):
+            cleanup.callback(shutil.rmtree, folder, ignore_errors=True)
+        cleanup.callback(lambda: [p.unlink(missing_ok=True) for e in entries for p in comfy_server.output_files(e)])
+
+        per_skill = shrink_selma_chain(prompt, llm.name, tag)
+        assert sorted(per_skill) == ["count", "spatial"]
+        assert all(len(nodes) == 5 for nodes in per_skill.values()), per_skill
+        (merge_id,) = [i for i, n in prompt.items() if n["class_type"] == "PoELoraMerge"]
+        log_start = len(comfy_server.log_text())
+        entries.append(comfy_server.run(prompt, timeout=600))
+        outputs = entries[-1]["outputs"]
+
+        for skill, nodes in per_skill.items():
+            # prompts from the local LLM, saved next to their .jsonl
+            assert (out / "selma" / tag / "prompts" / f"{skill}.txt").read_text().splitlines() == CHAIN_PROMPTS
+            # the dataset: one accepted image + caption pair per prompt
+            root = out / "selma" / tag / skill
+            records = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+            assert [(r["prompt"], r["accepted"]) for r in records] == [(p, True) for p in CHAIN_PROMPTS]
+            for r in records:
+                assert (root / r["caption"]).read_text().strip() == r["prompt"]
+                assert Image.open(root / r["image"]).size == (64, 64)
+            # the skill LoRA trained on it, saved in models/loras
+            report = outputs[nodes["PoESelmaSkillLoRATrainer"]]["text"][0]
+            assert f"2 pairs (2 captions), {TRAIN_STEPS} steps" in report and "rank 4" in report, report
+            assert outputs[nodes["PoESaveTrainedLoRA"]]["text"][0].startswith(f"saved {tag}/{skill}.safetensors")
+            data = load_lora_file(loras / tag / f"{skill}.safetensors")
+            parsed = parse_state_dict(data.tensors)
+            assert parsed.modules and not parsed.skipped
+            assert all(m.rank == 4 and m.name.key.startswith("diffusion_model.") for m in parsed.modules.values())
+            recipe = json.loads(data.metadata["comfy_poe.training"])
+            assert (recipe["method"], recipe["dataset"], recipe["pairs"], recipe["steps"]) == (
+                "selma_skill", skill, 2, TRAIN_STEPS)
+            assert any(float(m.up.abs().max()) > 0 for m in parsed.modules.values())  # training moved up
+
+        # the merge: concat of both skill LoRAs at weight 0.5 each, exact up to fp16 storage
+        report = outputs[merge_id]["text"][0]
+        assert "NOT MERGED" not in report and "match no layer" not in report, report
+        merged = load_lora_file(loras / tag / "merged.safetensors")
+        recipe = json.loads(merged.metadata["comfy_poe.lora_merge"])
+        assert recipe["method"] == "concat" and len(recipe["inputs"]) == 2, recipe
+        skills = {s: parse_state_dict(load_lora_file(loras / tag / f"{s}.safetensors").tensors).modules
+                  for s in per_skill}
+        modules = parse_state_dict(merged.tensors).modules
+        assert set(modules) == set(skills["count"]) == set(skills["spatial"])
+        assert any(not torch.equal(skills["count"][k].up, skills["spatial"][k].up) for k in modules)
+        for key, module in modules.items():
+            assert module.rank == 8
+            expected = 0.5 * skills["count"][key].delta() + 0.5 * skills["spatial"][key].delta()
+            assert (module.delta() - expected).abs().max() <= 2e-3 * expected.abs().max() + 1e-8, key
+
+        # the final image, sampled with the merged MODEL/CLIP ...
+        chain_img = saved_image(comfy_server, entries[-1])
+        assert chain_img.shape == (64, 64, 3)
+        # ... equals the merged file through the core LoraLoader, and differs from the base model
+        tail = {i: n for i, n in prompt.items() if n["class_type"] in (
+            "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage")}
+        (ckpt_id,) = [i for i, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple"]
+        loader = {"L": {"class_type": "LoraLoader", "inputs": {
+            "model": [ckpt_id, 0], "clip": [ckpt_id, 1], "lora_name": f"{tag}/merged.safetensors",
+            "strength_model": 1.0, "strength_clip": 1.0}}}
+        entries.append(comfy_server.run({ckpt_id: prompt[ckpt_id], **loader, **relink(tail, merge_id, "L")}))
+        loader_img = saved_image(comfy_server, entries[-1])
+        entries.append(comfy_server.run({ckpt_id: prompt[ckpt_id], **relink(tail, merge_id, ckpt_id)}))
+        base_img = saved_image(comfy_server, entries[-1])
+        changed = np.abs(chain_img - base_img).mean()
+        print(f"merged skill LoRA vs base: mean |Δ| {changed:.3f}/255")
+        assert np.abs(chain_img - loader_img).max() <= 1.0
+        assert changed > 0.5, f"the merged skill LoRA does not change the image (mean |Δ| {changed:.3f}/255)"
+
+        log = comfy_server.log_text()[log_start:]
+        not_loaded = [line for line in log.splitlines() if "lora key not loaded" in line or "NOT LOADED" in line]
+        assert not not_loaded, "\n".join(not_loaded[:20])
