@@ -214,3 +214,29 @@ def test_pairs_from_scores_keeps_best_vs_worst_per_group():
     assert pairs.chosen[0, 0, 0, 0].item() == 1 and pairs.rejected[0, 0, 0, 0].item() == 0
     with pytest.raises(ValueError, match="no prompt"):
         pairs_from_scores(images[3:], scores[3:], ["b"] * 3)
+
+
+def test_flow_network_gradient_does_not_starve_the_lora():
+    """The loop clips the LoRA and the flow network on separate norms: a flow-network gradient of norm 1e6
+    must not shrink the LoRA's AdamW step (with one global norm the LoRA's gradient drops below Adam's eps
+    and its first step shrinks ~100×)."""
+    from comfy_poe.training.alignment import TrainableSet
+    from comfy_poe.training.loop import StepOutput, train
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    lora = create_lora(model, LoRAConfig(rank=2, alpha=2, targets="0", init="gaussian"), seed=0)
+    lora.attach(model)
+    flow = torch.nn.Linear(4, 1)
+    trainable = TrainableSet(lora, {"flow": flow})
+    x = torch.ones(1, 4)
+
+    def step(_):
+        # LoRA gradient ~1e-4 per element (norm < 1: unclipped on its own), flow gradient norm ~1e6
+        return StepOutput(1e-4 * model(x).sum() + 1e6 * flow(x).sum())
+
+    before = {n: p.detach().clone() for n, p in lora.named_lora_parameters().items()}
+    train(trainable, step, LoopConfig(steps=1, lr=1e-3, weight_decay=0.0, grad_clip=1.0, seed=0))
+    moved = [(p.detach() - before[n]).abs().max().item() for n, p in lora.named_lora_parameters().items()
+             if p.grad is not None and p.grad.abs().max() > 0]
+    assert moved and max(moved) == pytest.approx(1e-3, rel=0.05)  # a full first Adam step of size lr
+    assert [len(g) for g in trainable.clip_groups()] == [len(before), 2]

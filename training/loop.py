@@ -47,7 +47,7 @@ class LoopConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    grad_clip: float = 1.0        # max global grad norm; 0 disables clipping
+    grad_clip: float = 1.0        # max grad norm (per clip group, see TrainableSet.clip_groups); 0 disables
     seed: int = 0
     checkpoint_every: int = 0     # 0: only the final checkpoint (when a folder is given)
     autocast: str = "off"         # off | auto (bf16 on CUDA when supported) | bf16 | fp16
@@ -256,7 +256,9 @@ def train(network: LoRANetwork, step_fn: Callable[[int], StepOutput], config: Lo
                                "(is the LoRA applied to the model the step calls?)")
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=False)
+            # a network with auxiliary modules (the GFlowNet flow network) clips each group on its own norm
+            for group in (network.clip_groups() if hasattr(network, "clip_groups") else [params]):
+                torch.nn.utils.clip_grad_norm_(group, config.grad_clip, foreach=False)
         optimizer.step()
         record = {"step": step, "loss": float(loss.detach()), "grad_norm": float(norm),
                   **{k: float(v) for k, v in out.metrics.items()}}
