@@ -118,6 +118,41 @@ def classifier_accuracies(classifier, images, labels, sigmas=CLASSIFIER_EVAL_SIG
     return out
 
 
+# -- the loop every trainer shares ---------------------------------------------------------------------
+def edm_denoising_loss(network, x0: torch.Tensor, labels: torch.Tensor, g: torch.Generator,
+                       p_uncond: float) -> torch.Tensor:
+    """EDM loss of a class-conditional denoiser; the label drops to the null class with prob. p_uncond
+    (classifier-free). Random draws in a fixed order: drop mask, σ, noise."""
+    y = labels.clone()
+    y[torch.rand(len(y), generator=g) < p_uncond] = NULL_CLASS
+    sigma = edm_training_sigmas(len(y), g)
+    denoised = network(x0 + sigma[:, None, None, None] * torch.randn(x0.shape, generator=g), sigma, y)
+    return (edm_loss_weight(sigma)[:, None, None, None] * (denoised - x0) ** 2).mean()
+
+
+def fit(tag: str, model: torch.nn.Module, opt: torch.optim.Optimizer, loss_of_batch: Callable, n_images: int,
+        steps: int, batch: int, warmup: int, g: torch.Generator, log: Callable, log_every: int,
+        after_step: Optional[Callable] = None, at_log: Optional[Callable] = None) -> float:
+    """Warm-up + cosine schedule over ``steps`` seeded batches; ``after_step(step)`` after each update (EMA),
+    ``at_log(step) -> str`` appended to the progress line (validation). Returns the training seconds."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, steps, warmup))
+    start, running = time.time(), None
+    for step, idx in zip(range(steps), index_batches(n_images, batch, g)):
+        model.train()
+        loss = loss_of_batch(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if after_step is not None:
+            after_step(step)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            extra = at_log(step) if at_log is not None else ""
+            log(f"[{tag}] step {step + 1}/{steps} loss {running:.4f}{extra} ({time.time() - start:.0f}s)")
+    return time.time() - start
+
+
 # -- trainers ------------------------------------------------------------------------------------------
 def train_unet(out=None, seed: int = 0, steps: int = 1000, batch: int = 128, lr: float = 2e-3, warmup: int = 50,
                ema_decay: float = 0.999, p_uncond: float = 0.15, log: Callable = print) -> Path:
@@ -128,25 +163,10 @@ def train_unet(out=None, seed: int = 0, steps: int = 1000, batch: int = 128, lr:
     network = EDMUNet(build_unet())
     ema = copy.deepcopy(network).eval()
     opt = torch.optim.Adam(network.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, steps, warmup))
     log(f"[unet] {count_parameters(network):,} parameters, {steps} steps of {batch}")
-    start, running = time.time(), None
-    for step, idx in zip(range(steps), index_batches(len(images), batch, g)):
-        x0, y = images[idx], labels[idx].clone()
-        y[torch.rand(batch, generator=g) < p_uncond] = NULL_CLASS
-        sigma = edm_training_sigmas(batch, g)
-        noise = torch.randn(x0.shape, generator=g)
-        denoised = network(x0 + sigma[:, None, None, None] * noise, sigma, y)
-        loss = (edm_loss_weight(sigma)[:, None, None, None] * (denoised - x0) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        _ema_update(ema, network, ema_decay_at(step, ema_decay))
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            log(f"[unet] step {step + 1}/{steps} loss {running:.4f} ({time.time() - start:.0f}s)")
-    train_seconds = time.time() - start
+    train_seconds = fit("unet", network, opt, lambda idx: edm_denoising_loss(network, images[idx], labels[idx], g, p_uncond),
+                        len(images), steps, batch, warmup, g, log, 100,
+                        after_step=lambda step: _ema_update(ema, network, ema_decay_at(step, ema_decay)))
     test_images, test_labels = load_split("test")
     meta = {
         "model": "class-conditional EDM UNet (diffusers UNet2DModel), null class 10 = unconditional",
@@ -173,22 +193,14 @@ def train_classifier(out=None, seed: int = 1, steps: int = 4000, batch: int = 12
     images, labels = load_split("train")
     model = NoiseAwareClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, steps, warmup))
     log(f"[classifier] {count_parameters(model):,} parameters, {steps} steps of {batch}")
-    start, running = time.time(), None
-    model.train()
-    for step, idx in zip(range(steps), index_batches(len(images), batch, g)):
+
+    def loss_of_batch(idx):
         sigma = classifier_training_sigmas(batch, g)
         x = images[idx] + sigma[:, None, None, None] * torch.randn(images[idx].shape, generator=g)
-        loss = F.cross_entropy(model(x, sigma), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if (step + 1) % 500 == 0 or step + 1 == steps:
-            log(f"[classifier] step {step + 1}/{steps} loss {running:.4f} ({time.time() - start:.0f}s)")
-    train_seconds = time.time() - start
+        return F.cross_entropy(model(x, sigma), labels[idx])
+
+    train_seconds = fit("classifier", model, opt, loss_of_batch, len(images), steps, batch, warmup, g, log, 500)
     model.eval()
     meta = {
         "model": "noise-aware guidance classifier p(y | x_sigma) (CNN with FiLM sigma embedding)",
@@ -215,23 +227,15 @@ def train_evaluator(out=None, seed: int = 2, steps: int = 1500, batch: int = 64,
     images, labels = load_split("train")
     model = DigitsEvaluator()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, steps, warmup))
     log(f"[evaluator] {count_parameters(model):,} parameters, {steps} steps of {batch}")
-    start, running = time.time(), None
-    model.train()
-    for step, idx in zip(range(steps), index_batches(len(images), batch, g)):
+
+    def loss_of_batch(idx):
         x = images[idx]
         shifted = random_shift(x, g)
         x = torch.where((torch.rand(len(idx), generator=g) < 0.5)[:, None, None, None], shifted, x)
-        loss = F.cross_entropy(model(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if (step + 1) % 500 == 0 or step + 1 == steps:
-            log(f"[evaluator] step {step + 1}/{steps} loss {running:.4f} ({time.time() - start:.0f}s)")
-    train_seconds = time.time() - start
+        return F.cross_entropy(model(x), labels[idx])
+
+    train_seconds = fit("evaluator", model, opt, loss_of_batch, len(images), steps, batch, warmup, g, log, 500)
     model.eval()
     with torch.no_grad():
         test_x, test_y = load_split("test")
@@ -264,28 +268,19 @@ def train_mlp(out=None, seed: int = 3, steps: int = 6000, batch: int = 128, lr: 
     (images, labels), (val_images, val_labels) = train_validation_split(n_validation, seed=seed)
     model = MLPDenoiserNet()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, steps, warmup))
     log(f"[mlp] {count_parameters(model):,} parameters, up to {steps} steps of {batch}")
-    start, running, best = time.time(), None, (math.inf, -1, None)
-    for step, idx in zip(range(steps), index_batches(len(images), batch, g)):
-        model.train()
-        x0, y = images[idx], labels[idx].clone()
-        y[torch.rand(batch, generator=g) < 0.15] = NULL_CLASS
-        sigma = edm_training_sigmas(batch, g)
-        denoised = model(x0 + sigma[:, None, None, None] * torch.randn(x0.shape, generator=g), sigma, y)
-        loss = (edm_loss_weight(sigma)[:, None, None, None] * (denoised - x0) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            model.eval()
-            val = sum(denoising_losses(model, val_images, val_labels).values())
-            if val < best[0]:
-                best = (val, step + 1, copy.deepcopy(model.state_dict()))
-            log(f"[mlp] step {step + 1}/{steps} loss {running:.4f} validation {val:.4f} (best @ {best[1]}) ({time.time() - start:.0f}s)")
-    train_seconds = time.time() - start
+    best = (math.inf, -1, None)
+
+    def validate(step):
+        nonlocal best
+        model.eval()
+        val = sum(denoising_losses(model, val_images, val_labels).values())
+        if val < best[0]:
+            best = (val, step + 1, copy.deepcopy(model.state_dict()))
+        return f" validation {val:.4f} (best @ {best[1]})"
+
+    train_seconds = fit("mlp", model, opt, lambda idx: edm_denoising_loss(model, images[idx], labels[idx], g, 0.15),
+                        len(images), steps, batch, warmup, g, log, eval_every, at_log=validate)
     model.load_state_dict(best[2])
     model.eval()
     meta = {

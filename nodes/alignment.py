@@ -38,7 +38,7 @@ from ._types import PoEJudges
 from .poe import in_latent_space
 from .training import (
     PRECISIONS, TRAINING_KEY, DualProcessSampler, TrainedLoRA, curve_tensor, differentiable_decoder,
-    prepare_trainable_patcher, run_folder, window_mean,
+    prepare_trainable_patcher, run_folder, trainer_outputs, window_mean,
 )
 
 PoEPreferencePairs = io.Custom("POE_PREFERENCE_PAIRS")
@@ -200,15 +200,6 @@ def _run_inputs(checkpoint_every: int):
                      tooltip="Write a checkpoint every k steps (0 = only at the end); needs run_name."),
         io.Boolean.Input("resume", default=True,
                          tooltip="Continue from run_name's checkpoint when its settings match."),
-    ]
-
-
-def _outputs():
-    return [
-        io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
-        io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA (connect Save Trained LoRA)."),
-        io.Image.Output(display_name="curves", tooltip="Loss, reward / margin and gradient norm per step."),
-        io.String.Output(display_name="report"),
     ]
 
 
@@ -416,7 +407,7 @@ class PoEPreferenceTrainer(io.ComfyNode):
                                  tooltip="Random horizontal flip, the same for both images of a pair."),
                 *_run_inputs(50),
             ],
-            outputs=_outputs(),
+            outputs=trainer_outputs("trained", "Loss, reward / margin and gradient norm per step."),
             is_output_node=True,
         )
 
@@ -519,7 +510,7 @@ class PoERewardRolloutTrainer(io.ComfyNode):
                 *_run_inputs(25),
                 io.Vae.Input("vae", optional=True, tooltip="Needed for pixel-space judges (decodes the samples)."),
             ],
-            outputs=_outputs(),
+            outputs=trainer_outputs("trained", "Loss, reward / margin and gradient norm per step."),
             is_output_node=True,
         )
 

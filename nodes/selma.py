@@ -33,8 +33,8 @@ from ..selma.prompts import (LLMGenerator, causal_lm_model_types, generate_skill
 from ..selma.rouge import DEFAULT_THRESHOLD
 from ..selma.trainer import PRESETS, encode_pairs, preset_config, train_skill_lora
 from ..training import create_lora, enable_gradient_checkpointing
-from .training import (TRAINING_KEY, TrainedLoRA, curve_tensor, parameterization_of, prepare_trainable_patcher,
-                       run_folder)
+from .training import (PRECISIONS, TRAINING_KEY, TrainedLoRA, curve_tensor, parameterization_of,
+                       prepare_trainable_patcher, run_folder, trainer_outputs)
 from ._types import PoEJudges
 from .vlm import ManagedModel, _load_inputs, _subdirs, auto_dtype_name
 
@@ -329,7 +329,6 @@ class SelmaSkillDataset(io.ComfyNode):
 
 
 # --------------------------------------------------------------------------------------- trainer
-TRAINER_PRECISIONS = ["auto", "off"]
 
 
 def resolve_dataset_path(dataset_path: str) -> Path:
@@ -418,15 +417,10 @@ class SelmaSkillLoRATrainer(io.ComfyNode):
                              tooltip="Write a checkpoint every k steps (0 = only at the end); needs run_name."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in backward: much less memory, ~30% slower."),
-                io.Combo.Input("precision", options=TRAINER_PRECISIONS, default="auto",
+                io.Combo.Input("precision", options=PRECISIONS, default="auto",
                                tooltip="auto: bf16 autocast where the GPU supports it; off: the model's own dtype."),
             ],
-            outputs=[
-                io.Model.Output(display_name="model", tooltip="The model with the trained skill LoRA applied."),
-                io.LoraModel.Output(display_name="lora", tooltip="The skill LoRA (connect Save Trained LoRA)."),
-                io.Image.Output(display_name="curves", tooltip="Denoising loss and gradient norm per step."),
-                io.String.Output(display_name="report"),
-            ],
+            outputs=trainer_outputs("skill", "Denoising loss and gradient norm per step."),
             is_output_node=True,
         )
 
@@ -434,8 +428,8 @@ class SelmaSkillLoRATrainer(io.ComfyNode):
     def validate_inputs(cls, preset, precision):
         if preset is not None and preset not in PRESETS:
             return f"preset must be one of {list(PRESETS)}, got {preset!r}"
-        if precision is not None and precision not in TRAINER_PRECISIONS:
-            return f"precision must be one of {TRAINER_PRECISIONS}, got {precision!r}"
+        if precision is not None and precision not in PRECISIONS:
+            return f"precision must be one of {PRECISIONS}, got {precision!r}"
         return True
 
     @classmethod

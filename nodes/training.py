@@ -43,6 +43,16 @@ TARGET_OPTIONS = [*TARGET_PRESETS, "custom"]
 PRECISIONS = ["auto", "off"]
 
 
+def trainer_outputs(what: str, curves: str) -> list:
+    """The four outputs every LoRA trainer node returns: model, lora, curves, report."""
+    return [
+        io.Model.Output(display_name="model", tooltip=f"The model with the {what} LoRA applied."),
+        io.LoraModel.Output(display_name="lora", tooltip=f"The {what} LoRA (connect Save Trained LoRA)."),
+        io.Image.Output(display_name="curves", tooltip=curves),
+        io.String.Output(display_name="report"),
+    ]
+
+
 class TrainedLoRA(dict):
     """A LORA_MODEL (ComfyUI's plain dict of tensors) that also carries the safetensors metadata."""
 
@@ -205,12 +215,7 @@ class PoEDualProcessTune(io.ComfyNode):
                 io.LoraModel.Input("init_lora", optional=True,
                                    tooltip="Start from a trained LoRA (Load Trained LoRA) of the same rank/targets."),
             ],
-            outputs=[
-                io.Model.Output(display_name="model", tooltip="The model with the tuned LoRA applied."),
-                io.LoraModel.Output(display_name="lora", tooltip="The tuned LoRA (connect Save Trained LoRA)."),
-                io.Image.Output(display_name="curves", tooltip="Loss, judge score and gradient norm per step."),
-                io.String.Output(display_name="report"),
-            ],
+            outputs=trainer_outputs("tuned", "Loss, judge score and gradient norm per step."),
             is_output_node=True,
         )
 

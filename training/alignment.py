@@ -78,8 +78,7 @@ class TrainableSet(nn.Module):
         """Parameter groups whose gradient norms are clipped separately: the LoRA, then each extra module.
         One global norm would let the flow network's gradient (norms 100–1000 once β·r is large) shrink the
         LoRA's step ~1000× and stall the policy (measured: DAG-KL +0.02 instead of +0.75 reward on digits)."""
-        groups = [list(self.lora.named_lora_parameters().values())]
-        groups += [list(module.parameters()) for module in self.extras.values()]
+        groups = self.lora.clip_groups() + [list(module.parameters()) for module in self.extras.values()]
         return [g for g in groups if g]
 
     def export_state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:

@@ -256,8 +256,8 @@ def train(network: LoRANetwork, step_fn: Callable[[int], StepOutput], config: Lo
                                "(is the LoRA applied to the model the step calls?)")
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         if config.grad_clip > 0:
-            # a network with auxiliary modules (the GFlowNet flow network) clips each group on its own norm
-            for group in (network.clip_groups() if hasattr(network, "clip_groups") else [params]):
+            # one norm per group: auxiliary modules (the GFlowNet flow network) must not scale the LoRA down
+            for group in network.clip_groups():
                 torch.nn.utils.clip_grad_norm_(group, config.grad_clip, foreach=False)
         optimizer.step()
         record = {"step": step, "loss": float(loss.detach()), "grad_norm": float(norm),

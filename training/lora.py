@@ -177,6 +177,10 @@ class LoRANetwork(nn.Module):
             out[f"{path}.lora_down"] = adapter.down
         return out
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter groups the training loop clips on separate norms: one, the whole LoRA."""
+        return [list(self.named_lora_parameters().values())]
+
     # -- application -----------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> "LoRANetwork":
         """Apply to a plain torch model with forward hooks (undo with :meth:`detach`)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -363,3 +364,29 @@ def api_workflow(tiny_checkpoint_name):
 def cpu_api_workflow(api_workflow):
     """``cpu_api_workflow(path, **caps) -> prompt``: the tiny checkpoint, then :func:`shrink_for_cpu`."""
     return lambda path, **caps: shrink_for_cpu(api_workflow(path), **caps)
+
+
+@pytest.fixture
+def lora_folder(comfy_server):
+    """A fresh folder under the server's models/loras (LoRA names are "<folder>/<file>"), removed afterwards."""
+    folder = comfy_server.comfy_dir / "models" / "loras" / f"comfy_poe_test_{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def text_to_image_nodes(ckpt: str) -> dict:
+    """Nodes 1-4 of the tests' text-to-image graphs: checkpoint, positive "a photo of a cat", negative
+    "blurry", a 64×64 empty latent (a fresh dict per call)."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    }
+
+
+@pytest.fixture
+def prompt_nodes():
+    """``prompt_nodes(ckpt) -> dict``: :func:`text_to_image_nodes` for tests (conftest is not importable)."""
+    return text_to_image_nodes

@@ -19,14 +19,6 @@ ALIGNMENT_NODES = ("PoEPreferencePairsFromFolder", "PoEPreferencePairsFromJudge"
 
 
 @pytest.fixture
-def lora_folder(comfy_server):
-    folder = comfy_server.comfy_dir / "models" / "loras" / f"comfy_poe_align_test_{uuid.uuid4().hex[:8]}"
-    folder.mkdir(parents=True)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
 def pair_folders(comfy_server):
     """A valid 2-pair folder (bright chosen, dark rejected) and a broken one, inside the input directory."""
     root = comfy_server.input_dir / f"poe_pairs_{uuid.uuid4().hex[:8]}"
@@ -44,15 +36,6 @@ def pair_folders(comfy_server):
     shutil.copy(good / "p0" / "chosen.png", broken / "chosen.png")
     yield root
     shutil.rmtree(root, ignore_errors=True)
-
-
-def base_nodes(ckpt):
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-    }
 
 
 def run_settings(run_name, save_name, trainer_id):
@@ -134,14 +117,14 @@ def test_alignment_nodes_are_registered(comfy_server):
     assert nodes["PoERewardRolloutTrainer"]["input"]["required"]["judges"][0] == "POE_JUDGES"
 
 
-def test_alignment_trainers_run_and_loras_load(comfy_server, tiny_checkpoint_name, lora_folder, pair_folders):
+def test_alignment_trainers_run_and_loras_load(comfy_server, tiny_checkpoint_name, lora_folder, pair_folders, prompt_nodes):
     ck = tiny_checkpoint_name
     log_start = len(comfy_server.log_text())
     run_name = f"itest_align_{uuid.uuid4().hex[:8]}"
 
     # DAG-KL on a latent reward, 1 step, checkpointed (resume itself is covered by the engine tests and the
     # Dual-Process integration test, which share the checkpoint code; one more CPU step here costs ~60 s)
-    entry = comfy_server.run({**base_nodes(ck), **rollout_nodes(run_name, f"{lora_folder.name}/dag")}, timeout=600)
+    entry = comfy_server.run({**prompt_nodes(ck), **rollout_nodes(run_name, f"{lora_folder.name}/dag")}, timeout=600)
     report = entry["outputs"]["20"]["text"][0]
     print(report)
     assert re.search(r"DAG-KL reward training, 2 trajectories/step: 1 steps \(1 run now\)", report), report
@@ -155,7 +138,7 @@ def test_alignment_trainers_run_and_loras_load(comfy_server, tiny_checkpoint_nam
 
     # Diffusion-DPO on the pair folder (reference = the model without the LoRA)
     folder = f"{pair_folders.name}/good"
-    entry = comfy_server.run({**base_nodes(ck), **preference_nodes(folder, "", f"{lora_folder.name}/dpo")},
+    entry = comfy_server.run({**prompt_nodes(ck), **preference_nodes(folder, "", f"{lora_folder.name}/dpo")},
                              timeout=600)
     report = entry["outputs"]["30"]["text"][0]
     print(report)
@@ -186,14 +169,14 @@ def test_alignment_trainers_run_and_loras_load(comfy_server, tiny_checkpoint_nam
 
     # both saved files through the core LoraLoader: every key maps onto the model
     for name in ("dag", "dpo"):
-        comfy_server.run({**base_nodes(ck), **loader_nodes(f"{lora_folder.name}/{name}.safetensors",
+        comfy_server.run({**prompt_nodes(ck), **loader_nodes(f"{lora_folder.name}/{name}.safetensors",
                                                            f"poe_itest_align_{name}")}, timeout=600)
     log = comfy_server.log_text()[log_start:]
     not_loaded = [line for line in log.splitlines() if "lora key not loaded" in line or "NOT LOADED" in line]
     assert not not_loaded, "\n".join(not_loaded[:20])
 
 
-def test_bad_pair_folders_are_refused(comfy_server, tiny_checkpoint_name, pair_folders):
+def test_bad_pair_folders_are_refused(comfy_server, tiny_checkpoint_name, pair_folders, prompt_nodes):
     def prompt(folder):
         return {"25": {"class_type": "PoEPreferencePairsFromFolder",
                        "inputs": {"folder": folder, "size": 0, "max_pairs": 0}},
@@ -205,6 +188,6 @@ def test_bad_pair_folders_are_refused(comfy_server, tiny_checkpoint_name, pair_f
     assert stage == "validation" and "folder" in text and "leaves ComfyUI's input directory" in text, text
     stage, text = error_text(comfy_server, prompt(f"{pair_folders.name}/missing"))
     assert stage == "validation" and "does not exist" in text, text
-    stage, text = error_text(comfy_server, {**base_nodes(tiny_checkpoint_name), **preference_nodes(
+    stage, text = error_text(comfy_server, {**prompt_nodes(tiny_checkpoint_name), **preference_nodes(
         f"{pair_folders.name}/good", "", "unused", method="KTO")})
     assert stage == "validation" and "method must be one of" in text, text

@@ -8,8 +8,6 @@ They are written to a temporary sub-folder of models/loras, removed afterwards.
 """
 import json
 import math
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -77,14 +75,6 @@ def build_loras(folder: Path, layers) -> dict[str, str]:
         save_file({k: v.half().contiguous() for k, v in sd.items()}, str(folder / f"{label}.safetensors"))
         names[label] = f"{folder.name}/{label}.safetensors"
     return names
-
-
-@pytest.fixture
-def lora_folder(comfy_server):
-    folder = comfy_server.comfy_dir / "models" / "loras" / f"comfy_poe_test_{uuid.uuid4().hex[:8]}"
-    folder.mkdir(parents=True)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def txt2img(prefix, model, clip, extra=None, ckpt=None):

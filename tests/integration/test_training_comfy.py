@@ -37,23 +37,6 @@ def tiny_vlm(comfy_server):
             root.rmdir()
 
 
-@pytest.fixture
-def lora_folder(comfy_server):
-    folder = comfy_server.comfy_dir / "models" / "loras" / f"comfy_poe_train_test_{uuid.uuid4().hex[:8]}"
-    folder.mkdir(parents=True)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def base_nodes(ckpt):
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-    }
-
-
 def sample_nodes(model_ref, prefix):
     return {
         "5": {"class_type": "KSampler", "inputs": {
@@ -98,15 +81,15 @@ def test_training_nodes_are_registered(comfy_server):
         assert spec[1].get("tooltip"), spec
 
 
-def test_dual_process_tune_saves_a_lora_loraloader_loads(comfy_server, tiny_checkpoint_name, tiny_vlm, lora_folder):
+def test_dual_process_tune_saves_a_lora_loraloader_loads(comfy_server, tiny_checkpoint_name, tiny_vlm, lora_folder, prompt_nodes):
     ck = tiny_checkpoint_name
     run_name = f"itest_{uuid.uuid4().hex[:8]}"
     save_name = f"{lora_folder.name}/tuned"
     log_start = len(comfy_server.log_text())
-    base = image(comfy_server, comfy_server.run({**base_nodes(ck), **sample_nodes(["1", 0], "poe_train_base")},
+    base = image(comfy_server, comfy_server.run({**prompt_nodes(ck), **sample_nodes(["1", 0], "poe_train_base")},
                                                 timeout=600), "7")
 
-    prompt = {**base_nodes(ck), **tune_nodes(tiny_vlm.name, run_name, 3, save_name),
+    prompt = {**prompt_nodes(ck), **tune_nodes(tiny_vlm.name, run_name, 3, save_name),
               **sample_nodes(["20", 0], "poe_train_node")}
     entry = comfy_server.run(prompt, timeout=900)
     report = entry["outputs"]["20"]["text"][0]
@@ -134,7 +117,7 @@ def test_dual_process_tune_saves_a_lora_loraloader_loads(comfy_server, tiny_chec
     loader = {"L": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
               "lora_name": f"{save_name}.safetensors", "strength_model": 1.0, "strength_clip": 1.0}}}
     loader_img = image(comfy_server, comfy_server.run(
-        {**base_nodes(ck), **loader, **sample_nodes(["L", 0], "poe_train_loader")}, timeout=600), "7")
+        {**prompt_nodes(ck), **loader, **sample_nodes(["L", 0], "poe_train_loader")}, timeout=600), "7")
     changed = np.abs(node_img - base).mean()
     print(f"mean |Δ| vs base {changed:.3f}/255")
     assert changed > 0.5, "the tuned LoRA does not change the image"
@@ -145,7 +128,7 @@ def test_dual_process_tune_saves_a_lora_loraloader_loads(comfy_server, tiny_chec
     assert not not_loaded, "\n".join(not_loaded[:20])
 
     # same run_name, more steps: resumes from the step-3 checkpoint
-    prompt = {**base_nodes(ck), **tune_nodes(tiny_vlm.name, run_name, 4, f"{lora_folder.name}/tuned4", 0)}
+    prompt = {**prompt_nodes(ck), **tune_nodes(tiny_vlm.name, run_name, 4, f"{lora_folder.name}/tuned4", 0)}
     entry = comfy_server.run(prompt, timeout=900)
     report = entry["outputs"]["20"]["text"][0]
     assert "resumed from step 3" in report and "(1 run now" in report, report
@@ -154,7 +137,7 @@ def test_dual_process_tune_saves_a_lora_loraloader_loads(comfy_server, tiny_chec
     shutil.rmtree(comfy_server.output_dir / "comfy_poe_training" / run_name, ignore_errors=True)
 
     # a traversal save name is refused
-    prompt = {**base_nodes(ck), **tune_nodes(tiny_vlm.name, "", 1, "../../evil", 0)}
+    prompt = {**prompt_nodes(ck), **tune_nodes(tiny_vlm.name, "", 1, "../../evil", 0)}
     prompt_id, _ = comfy_server.submit(prompt)
     status = comfy_server.wait(prompt_id, timeout=600)["status"]
     assert status["status_str"] == "error" and "leave the LoRA folder" in json.dumps(status["messages"])
