@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..fileio import atomic_write
+from ..fileio import atomic_save_safetensors, atomic_write_text
 from .models import (
     DigitsDenoiser, DigitsEvaluator, EDMUNet, MLPDenoiserNet, NoiseAwareClassifier, UNET_CONFIG, build_unet,
 )
@@ -30,15 +30,12 @@ def _model_path(name: str, folder, suffix: str) -> Path:
     return folder / f"{name}{suffix}"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then os.replace onto path (see :mod:`comfy_poe.fileio`)."""
-    atomic_write(path, write)
+def _write_metadata(name: str, folder, meta: dict) -> None:
+    atomic_write_text(_model_path(name, folder, ".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def save_model(module: torch.nn.Module, name: str, metadata: dict, folder=None, dtype: Optional[torch.dtype] = None) -> Path:
     """Write NAME.safetensors (optionally cast floats to ``dtype``) and NAME.json atomically; returns the weights path."""
-    from safetensors.torch import save_file
-
     state = {}
     for key, value in module.state_dict().items():
         value = value.detach().cpu()
@@ -47,15 +44,9 @@ def save_model(module: torch.nn.Module, name: str, metadata: dict, folder=None, 
         state[key] = value.contiguous()
     weights = _model_path(name, folder, ".safetensors")
     meta = dict(metadata, weights_file=weights.name, weights_dtype=str(dtype or torch.float32).replace("torch.", ""))
-    _atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"name": name}))
+    atomic_save_safetensors(weights, state, {"name": name})
     meta["weights_bytes"] = weights.stat().st_size
-
-    def write_json(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write(_model_path(name, folder, ".json"), write_json)
+    _write_metadata(name, folder, meta)
     return weights
 
 
@@ -132,11 +123,5 @@ def update_metadata(name: str, extra: dict, folder=None) -> dict:
     """Merge ``extra`` into NAME.json (atomically) — e.g. sample-quality numbers measured after training."""
     meta = load_metadata(name, folder)
     meta.update(extra)
-
-    def write_json(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write(_model_path(name, folder, ".json"), write_json)
+    _write_metadata(name, folder, meta)
     return meta

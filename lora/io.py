@@ -143,16 +143,16 @@ def resolve_save_path(root: str | os.PathLike, name: str, suffix: str = ".safete
     return path
 
 
-def check_overwrite(path: Path, overwrite: bool) -> None:
-    """Refuse to replace a file this package did not write, unless ``overwrite``."""
+def check_overwrite(path: Path, overwrite: bool, key: str = RECIPE_KEY, writer: str = "merge") -> None:
+    """Refuse to replace a file this package did not write (its metadata lacks ``key``), unless ``overwrite``."""
     if not path.exists() or overwrite:
         return
     try:
-        ours = RECIPE_KEY in read_metadata(path)
+        ours = key in read_metadata(path)
     except (LoraFileError, OSError):
         ours = False
     if not ours:
-        raise LoraFileError(f"{path.name} already exists and was not written by a comfy-poe merge; "
+        raise LoraFileError(f"{path.name} already exists and was not written by a comfy-poe {writer}; "
                             "choose another save name or allow overwriting")
 
 

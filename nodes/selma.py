@@ -36,7 +36,7 @@ from ..training import create_lora, enable_gradient_checkpointing
 from .training import (PRECISIONS, TRAINING_KEY, TrainedLoRA, curve_tensor, parameterization_of,
                        prepare_trainable_patcher, run_folder, trainer_outputs)
 from ._types import PoEJudges
-from .vlm import ManagedModel, _load_inputs, _subdirs, auto_dtype_name
+from .vlm import ManagedModel, _load_inputs, _subdirs, auto_dtype_name, resolve_folder_in
 
 LLM_FOLDER = "LLM"
 OUTPUT_SUBDIR = "selma"
@@ -72,15 +72,8 @@ def llm_folders() -> list[str]:
 
 
 def resolve_llm_folder(name: str) -> str:
-    for base in folder_paths.get_folder_paths(LLM_FOLDER):
-        root = os.path.realpath(base)
-        path = os.path.realpath(os.path.join(root, name))
-        if os.path.commonpath([root, path]) != root:
-            raise ValueError(f"llm_name {name!r} points outside the models/LLM folder")
-        if os.path.isdir(path):
-            return path
-    raise ValueError(f"llm_name {name!r}: no such folder in {folder_paths.get_folder_paths(LLM_FOLDER)}; "
-                     "put a Hugging Face model folder (config.json, *.safetensors, tokenizer files) in models/LLM")
+    return resolve_folder_in(LLM_FOLDER, "llm_name", name, "; put a Hugging Face model folder (config.json, "
+                             "*.safetensors, tokenizer files) in models/LLM")
 
 
 def output_path(input_name: str, name: str) -> Path:

@@ -27,7 +27,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..lora.io import LoraFileError, atomic_write_safetensors, load_lora_file, read_metadata, resolve_save_path
+from ..lora.io import LoraFileError, atomic_write_safetensors, check_overwrite, load_lora_file, resolve_save_path
 from ..training import (
     CheckpointStore, DualProcessConfig, Generator, LoopConfig, LoRAConfig, create_lora,
     enable_gradient_checkpointing, evaluate, render_curves, tune,
@@ -369,16 +369,9 @@ class PoESaveTrainedLoRA(io.ComfyNode):
         root = folder_paths.get_folder_paths("loras")[0]
         try:
             path = resolve_save_path(root, save_name)
+            check_overwrite(path, overwrite, key=TRAINING_KEY, writer="trainer")
         except LoraFileError as e:
             raise ValueError(f"save_name: {e}") from None
-        if path.exists() and not overwrite:
-            try:
-                ours = TRAINING_KEY in read_metadata(path)
-            except (LoraFileError, OSError):
-                ours = False
-            if not ours:
-                raise ValueError(f"save_name: {path.name} already exists and was not written by a comfy-poe trainer; "
-                                 "choose another name or switch overwrite on")
         tensors = {k: v for k, v in lora.items() if torch.is_tensor(v)}
         if not tensors:
             raise ValueError("lora: the LoRA has no tensors")

@@ -61,16 +61,22 @@ def _subdirs(base: str, depth: int) -> list[str]:
     return found
 
 
-def resolve_model_folder(name: str) -> str:
-    """Absolute path of a listed model folder; refuses names that escape the models/vlm folders."""
-    for base in folder_paths.get_folder_paths(VLM_FOLDER):
+def resolve_folder_in(folder_name: str, input_name: str, name: str, hint: str = "") -> str:
+    """Absolute path of model folder ``name`` under ComfyUI's ``models/<folder_name>`` paths; names that escape
+    them are refused; errors name ``input_name``."""
+    for base in folder_paths.get_folder_paths(folder_name):
         root = os.path.realpath(base)
         path = os.path.realpath(os.path.join(root, name))
         if os.path.commonpath([root, path]) != root:
-            raise ValueError(f"model_name {name!r} points outside the models/vlm folder")
+            raise ValueError(f"{input_name} {name!r} points outside the models/{folder_name} folder")
         if os.path.isdir(path):
             return path
-    raise ValueError(f"model_name {name!r}: no such folder in {folder_paths.get_folder_paths(VLM_FOLDER)}")
+    raise ValueError(f"{input_name} {name!r}: no such folder in {folder_paths.get_folder_paths(folder_name)}{hint}")
+
+
+def resolve_model_folder(name: str) -> str:
+    """Absolute path of a listed VLM folder (the model_name input)."""
+    return resolve_folder_in(VLM_FOLDER, "model_name", name)
 
 
 def auto_dtype_name(dtype: str, device) -> str:

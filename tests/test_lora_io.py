@@ -108,6 +108,12 @@ def test_overwrite_only_own_files(tmp_path):
     own = tmp_path / "own.safetensors"
     save_merge(result, own)
     save_merge(merge_loras([LoraInput.from_file(a, 0.5)], "concat"), own)   # replacing our own output is fine
+    # the trainers' save node asks for its own metadata key: a merge output is not a trainer's file
+    with pytest.raises(LoraFileError, match="not written by a comfy-poe trainer"):
+        lora_io.check_overwrite(own, False, key="comfy_poe.training", writer="trainer")
+    lora_io.atomic_write_safetensors(foreign, {"x": torch.ones(3)}, {"comfy_poe.training": "{}"})
+    lora_io.check_overwrite(foreign, False, key="comfy_poe.training", writer="trainer")
+    lora_io.check_overwrite(foreign, True)  # overwrite=True always passes
     save_merge(result, foreign, overwrite=True)
 
 
