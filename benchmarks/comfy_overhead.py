@@ -70,7 +70,7 @@ def _smc_options(a, mcmc_steps: int) -> dict:
     return {"particles": a.particles, "mcmc_steps": mcmc_steps, "mcmc": "mala", "step_scale": 0.1,
             "fk_correction": "full", "weighting": "incremental", "resampling": "systematic", "ess_threshold": 0.5,
             "selection": "auto", "eta": 1.0, "judge_sigma_max": 1000.0, "judge_sigma_min": 0.0,
-            "tempering": "constant", "twist": False, "chunk_size": 0}
+            "tempering": "capped", "twist": False, "chunk_size": 0}
 
 
 def _expert(a) -> dict:

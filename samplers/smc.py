@@ -23,6 +23,7 @@ a model that does not fill it is a single expert (no generative correction neede
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -37,13 +38,13 @@ FK_MODES = ("full", "product", "off")
 WEIGHTINGS = ("incremental", "paper", "max", "sum", "none")
 MCMC_KINDS = ("mala", "ula")
 SELECTIONS = ("auto", "argmax", "sample", "resample", "all")
-TEMPERINGS = ("constant", "linear")
+TEMPERINGS = ("constant", "linear", "capped")
 
 PRESETS = {
     # Zhang et al. 2025, Algorithm 1: Euler init kernel, ULA, resample every level on the current reward.
-    "paper": dict(fk_correction="off", weighting="paper", eta=0.0, mcmc="ula", selection="argmax"),
+    "paper": dict(fk_correction="off", weighting="paper", eta=0.0, mcmc="ula", selection="argmax", tempering="constant"),
     # Principled default: Feynman-Kac corrector weights, difference potentials, ESS-triggered resampling.
-    "fk": dict(fk_correction="full", weighting="incremental", eta=1.0, mcmc="mala", selection="auto"),
+    "fk": dict(fk_correction="full", weighting="incremental", eta=1.0, mcmc="mala", selection="auto", tempering="capped"),
 }
 
 
@@ -133,6 +134,21 @@ def fk_increment(num_from: torch.Tensor, num_to: torch.Tensor, s_from: float, s_
         return num_from / s_from**2
     inv_from = 0.0 if math.isinf(s_from) else 1.0 / s_from**2
     return 0.5 * (num_from + num_to) * (1.0 / s_to**2 - inv_from)
+
+
+def intermediate_judges(judges: Sequence[DiscriminativeExpert], tempering: str) -> list[DiscriminativeExpert]:
+    """The judges of the intermediate targets (every level but the last, which always has the full weights).
+
+    "capped" caps each weight γ_j at 1. The exact intermediate potential (the twist) of a final factor
+    p(y | x0)^γ is log E[p(y | x0)^γ | x_t] (Wu et al. 2023, twisted SMC); for a judge that is nearly certain
+    on clean samples p^γ ≈ p, so that twist is ≈ log p(y | x_t) — the noisy posterior at weight 1, whatever γ.
+    The γ-th power instead exaggerates the mode the noisy judge happens to prefer early, resampling then
+    drops the other modes' lineages, and no later weight brings them back. The final level restores γ, so
+    the target is unchanged (the potential increments telescope to γ r at σ = 0).
+    """
+    if tempering != "capped":
+        return list(judges)
+    return [dataclasses.replace(j, weight=min(float(j.weight), 1.0)) for j in judges]
 
 
 MAX_STEP_SCALE = 0.2
@@ -263,7 +279,7 @@ def sample_poe_smc(
     target_acceptance: float = 0.574,
     fk_correction: str = "full",
     weighting: str = "incremental",
-    tempering: str = "constant",
+    tempering: str = "capped",
     resampling: str = "systematic",
     ess_threshold: float = 0.5,
     resample_every: int = 1,
@@ -285,7 +301,8 @@ def sample_poe_smc(
     Options (see README "Sampler options"): particles L per batch item; judges (discriminative experts)
     and decode (latent -> IMAGE for pixel judges); eta (1 ancestral, 0 Euler); mcmc_steps K, mcmc kind,
     step_scale c (κ² = c σ²); fk_correction "full" | "product" | "off"; weighting "incremental" |
-    "paper" | "max" | "sum" | "none"; tempering "constant" | "linear" (β ramp over the judge window);
+    "paper" | "max" | "sum" | "none"; tempering "constant" | "linear" (β ramp over the judge window) |
+    "capped" (judge weights above 1 enter the intermediate targets as 1, see :func:`intermediate_judges`);
     resampling scheme, ess_threshold, resample_every; judge_window (σ_lo, σ_hi) in model sigmas (judges
     always score the final samples); twist (add ∇ of differentiable potentials to the drift, with the
     exact Gaussian proposal correction); selection "auto" | "argmax" | "sample" | "resample" | "all";
@@ -324,6 +341,11 @@ def sample_poe_smc(
     def noise_like(t: torch.Tensor) -> torch.Tensor:
         return torch.randn(t.shape, generator=gen, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
 
+    interim = intermediate_judges(judges, tempering)
+
+    def judges_at(level: int) -> list:
+        return judges if level == n_levels - 1 else interim
+
     active = [judge_window[0] <= s <= judge_window[1] for s in sig_native]
     active[-1] = True
     if tempering == "linear":
@@ -343,13 +365,13 @@ def sample_poe_smc(
         for start in range(0, D.shape[0], step):
             sl = slice(start, start + step)
             sig = torch.full((D[sl].shape[0],), s_nat, dtype=D.dtype, device=D.device)
-            out.append(evaluate_potentials(judges, D[sl], decode, x_t=x_t[sl], sigma=sig))
+            out.append(evaluate_potentials(judges_at(level), D[sl], decode, x_t=x_t[sl], sigma=sig))
         report.judge_evals += D.shape[0]
         return betas[level] * torch.cat(out)
 
     def twist_grad(y: torch.Tensor, level: int) -> torch.Tensor:
         """∇_y β Σ γ r at the VE state y (through the model for x0-based judges)."""
-        diff = [j for j in judges if j.differentiable]
+        diff = [j for j in judges_at(level) if j.differentiable]
         with torch.inference_mode(False), torch.enable_grad():
             yg = y.detach().clone().requires_grad_(True)
             x_t, s_nat = evaluator.native(yg, sig_ve[level])
@@ -602,11 +624,12 @@ def sample_naive_composition(model, x, sigmas, extra_args=None, callback=None, d
                              eta: float = 1.0, twist: bool = False, seed=None, report=None, parameterization=None):
     """Baseline (Du et al. 2023): integrate the summed score once per sample — no weights, no MCMC.
 
-    Differentiable judges only steer by gradient when ``twist`` (classifier-guidance style).
+    Differentiable judges only steer by gradient when ``twist`` (classifier-guidance style), at their full
+    weights at every level (``tempering="constant"``: that is what summing the experts' scores means).
     """
     return sample_poe_smc(model, x, sigmas, extra_args, callback, disable, particles=1, judges=judges, decode=decode,
                           eta=eta, fk_correction="off", weighting="none", twist=twist, selection="all", seed=seed,
-                          report=report, parameterization=parameterization, mcmc_steps=0)
+                          report=report, parameterization=parameterization, mcmc_steps=0, tempering="constant")
 
 
 def sample_best_of_n(model, x, sigmas, extra_args=None, callback=None, disable=None, *, n: int = 4, judges=(),
@@ -615,4 +638,4 @@ def sample_best_of_n(model, x, sigmas, extra_args=None, callback=None, disable=N
     return sample_poe_smc(model, x, sigmas, extra_args, callback, disable, particles=n, judges=judges, decode=decode,
                           eta=eta, fk_correction="off", weighting="none", selection="argmax" if judges else "sample",
                           seed=seed, report=report, parameterization=parameterization, mcmc_steps=0,
-                          chunk_size=chunk_size)
+                          chunk_size=chunk_size, tempering="constant")

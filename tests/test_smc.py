@@ -89,6 +89,32 @@ def test_log_z_of_a_reward_tilt_is_exact_and_ess_is_reported():
     assert rep.model_calls_per_particle == 60 and rep.judge_evals > 0
 
 
+@pytest.mark.parametrize("tempering", ["constant", "capped"])
+def test_capped_tempering_keeps_the_target_exact(tempering):
+    """A judge at weight 3 enters the intermediate targets at weight 1 under "capped"; the last level restores
+    the full weight, so log Ẑ still estimates log E[exp(3 r(x0))] under N(0, 1) (closed form) either way
+    (stopping at weight 1 would give -0.43 instead of -1.54)."""
+    den = GMMDenoiser()
+    model = ProductOfExperts([GenerativeExpert(den, GaussianMixture([[0.0]], [1.0]))])
+    w, c, weight = 0.5, 1.5, 3.0
+    judge = gaussian_reward([c], w)
+    judge.weight = weight
+    rep = SMCReport()
+    sample_poe_smc(model, _noise(1), karras_sigmas(200, 0.002, 80.0), particles=20000, judges=[judge],
+                   selection="all", seed=0, report=rep, tempering=tempering)
+    a = w * weight  # ∫ N(x; 0, 1) exp(-a (x - c)²) dx in closed form
+    assert float(rep.log_z[0]) == pytest.approx(-0.5 * math.log(1 + 2 * a) - a * c * c / (1 + 2 * a), abs=0.03)
+
+
+def test_intermediate_judges_cap_weights_above_one_only():
+    from comfy_poe.samplers.smc import intermediate_judges
+
+    judges = [DiscriminativeExpert(fn=lambda x: x.sum(1), weight=v, name=str(v)) for v in (3.0, 0.5, -2.0)]
+    assert [j.weight for j in intermediate_judges(judges, "capped")] == [1.0, 0.5, -2.0]
+    assert [j.weight for j in intermediate_judges(judges, "constant")] == [3.0, 0.5, -2.0]
+    assert [j.weight for j in judges] == [3.0, 0.5, -2.0]  # the caller's judges are not modified
+
+
 def test_same_seed_same_output_and_chunking_does_not_change_results():
     model, _, judges = _problem(2, 0, True)
     sig = karras_sigmas(20, 0.002, 80.0)
