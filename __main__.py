@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output samples per method (a multiple of --population; default 100, --quick 20)")
     d.add_argument("--budget", type=_positive, default=None,
                    help="product-model evaluations per output sample, equal for every method (default 60, --quick 30)")
-    d.add_argument("--population", type=_positive, default=None, help="FK-SMC particles per population (default 20)")
+    d.add_argument("--population", type=_positive, default=None, help="FK-SMC particles per population (default 10)")
+    d.add_argument("--attribute-weight", type=float, default=None,
+                   help="task 1: weight γ of the 'even' and '≥5' experts (default 2; 1 makes naive balanced, >1 not)")
     d.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     d.add_argument("--tasks", nargs="+", choices=("attributes", "class", "regions"), default=None,
                    help="subset of tasks (default: all three)")
@@ -46,15 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
 def run_demo_command(args) -> int:
     import torch
 
-    from .digits.demo import TASKS, run_demo
+    from .digits.demo import ATTRIBUTE_WEIGHT, POPULATION, TASKS, run_demo
 
     torch.set_num_threads(args.threads or max(1, min(2, torch.get_num_threads())))
     samples = args.samples or (20 if args.quick else 100)
     budget = args.budget or (30 if args.quick else 60)
-    population = args.population or min(20, samples)
+    population = args.population or min(POPULATION, samples)
+    weight = ATTRIBUTE_WEIGHT if args.attribute_weight is None else args.attribute_weight
+    if weight <= 0:
+        print(f"error: --attribute-weight must be positive, got {weight}", file=sys.stderr)
+        return 2
     try:
         result = run_demo(out_dir=args.out, samples=samples, budget=budget, seed=args.seed,
-                          tasks=tuple(args.tasks or TASKS), population=population, model=args.model)
+                          tasks=tuple(args.tasks or TASKS), population=population, model=args.model,
+                          attribute_weight=weight)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

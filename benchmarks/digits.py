@@ -1,6 +1,7 @@
 """Benchmark on real data: the digits demo's table over several seeds, with standard errors.
 
-    python -m comfy_poe.benchmarks.digits [--seeds 5] [--samples 100] [--budget 60] [--model unet|mlp] [--quick]
+    python -m comfy_poe.benchmarks.digits [--seeds 5] [--samples 100] [--budget 60] [--population 10]
+        [--attribute-weight 2] [--fk-tempering capped|constant] [--model unet|mlp] [--quick]
 
 Same tasks, methods and equal budgets as ``python -m comfy_poe demo`` (see comfy_poe.digits.demo):
 every method gets ``--budget`` product-model evaluations per output sample. For each task × method the
@@ -19,7 +20,7 @@ import torch
 
 from ..digits import load_denoiser, load_evaluator
 from ..digits.demo import (
-    METHODS, TASK_TITLES, TASKS, item_labels, judge_samples, output_labels, real_features, reference_samples, run_method,
+    ATTRIBUTE_WEIGHT, METHODS, POPULATION, TASK_TITLES, TASKS, item_labels, judge_samples, output_labels, real_features, reference_samples, run_method,
 )
 
 
@@ -46,7 +47,10 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=5, help="independent seeds (0..seeds-1)")
     ap.add_argument("--samples", type=int, default=100, help="output samples per method and seed")
     ap.add_argument("--budget", type=int, default=60, help="product-model evaluations per output sample")
-    ap.add_argument("--population", type=int, default=20, help="FK-SMC particles per population")
+    ap.add_argument("--population", type=int, default=POPULATION, help="FK-SMC particles per population")
+    ap.add_argument("--attribute-weight", type=float, default=ATTRIBUTE_WEIGHT, help="task 1: weight of each attribute expert")
+    ap.add_argument("--fk-tempering", choices=("capped", "constant"), default="capped",
+                    help="FK-SMC's judge tempering (constant: the attribute weight at every level, the ablation)")
     ap.add_argument("--model", choices=("unet", "mlp"), default="unet")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--methods", nargs="+", choices=METHODS + ("reference",), default=list(METHODS) + ["reference"])
@@ -60,7 +64,8 @@ def main(argv=None):
     evaluator = load_evaluator()
     real = real_features(evaluator)
     print(f"{args.seeds} seeds × {args.samples} samples, budget {args.budget} product evaluations per output, "
-          f"model {args.model}, FK-SMC population {args.population}\n")
+          f"model {args.model}, FK-SMC population {args.population}, task 1 attribute weight {args.attribute_weight:g}, "
+          f"FK-SMC tempering {args.fk_tempering}\n")
     print("| task | method | on target | 6-share among {6,8} | class TV | FD vs real | evals/output | wall s (per seed) |")
     print("|---|---|---|---|---|---|---|---|")
     for task in args.tasks:
@@ -73,7 +78,8 @@ def main(argv=None):
                     labels = item_labels(task, args.samples, args.samples)
                 else:
                     res = run_method(task, method, args.samples, args.budget, seed, denoiser, denoiser.classifier,
-                                     population=args.population)
+                                     population=args.population, attribute_weight=args.attribute_weight,
+                                     fk_tempering=args.fk_tempering)
                     labels = output_labels(task, method, args.samples, args.population)
                 score = judge_samples(task, res.samples, labels, evaluator, real)
                 on.append(score.on_target)

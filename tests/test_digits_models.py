@@ -158,7 +158,7 @@ def test_batched_denoise_equals_separate_calls(denoiser):
 
 
 def test_shared_classes_are_evaluated_once(denoiser):
-    """Task 1's experts (even, ≥5, all ten classes) need each class once: 10 UNet rows per sample, not 20."""
+    """Set experts that share classes (even, ≥5, all ten classes) need each class once: 10 UNet rows per sample, not 20."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 1, 8, 8, generator=g)
     sigma = torch.tensor([0.2, 1.0, 5.0])
