@@ -21,6 +21,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m comfy_poe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--budget", type=_positive, default=None,
                    help="product-model evaluations per output sample, equal for every method (default 60, --quick 30)")
     d.add_argument("--population", type=_positive, default=None, help="FK-SMC particles per population (default 10)")
-    d.add_argument("--attribute-weight", type=float, default=None,
+    d.add_argument("--attribute-weight", type=_positive_float, default=None,
                    help="task 1: weight γ of the 'even' and '≥5' experts (default 2; 1 makes naive balanced, >1 not)")
     d.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     d.add_argument("--tasks", nargs="+", choices=("attributes", "class", "regions"), default=None,
@@ -55,9 +62,6 @@ def run_demo_command(args) -> int:
     budget = args.budget or (30 if args.quick else 60)
     population = args.population or min(POPULATION, samples)
     weight = ATTRIBUTE_WEIGHT if args.attribute_weight is None else args.attribute_weight
-    if weight <= 0:
-        print(f"error: --attribute-weight must be positive, got {weight}", file=sys.stderr)
-        return 2
     try:
         result = run_demo(out_dir=args.out, samples=samples, budget=budget, seed=args.seed,
                           tasks=tuple(args.tasks or TASKS), population=population, model=args.model,

@@ -513,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def public_fields(record: dict) -> dict:
+    """A result record without its private ``_`` entries (raw tensors kept for later rows), for the JSON dump."""
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.targets == "auto":
@@ -527,21 +532,16 @@ def main(argv=None):
     start = time.perf_counter()
     out = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     print(f"`python -m comfy_poe.benchmarks.alignment {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
-    if args.part in ("all", "rollouts"):
+    parts = {"rollouts": (run_rollouts, rollout_table), "preferences": (run_preferences, preference_table)}
+    for part, (run, table) in parts.items():
+        if args.part not in ("all", part):
+            continue
         t = time.perf_counter()
-        base, rows = run_rollouts(args)
-        print(rollout_table(base, rows))
+        base, rows = run(args)
+        print(table(base, rows))
         print(f"\n{LEGEND}")
-        print(f"\nrollouts: {time.perf_counter() - t:.0f} s\n")
-        out["rollouts"] = {"base": {k: v for k, v in base.items() if not k.startswith("_")},
-                           "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
-    if args.part in ("all", "preferences"):
-        t = time.perf_counter()
-        base, rows = run_preferences(args)
-        print(preference_table(base, rows))
-        print(f"\n{LEGEND}")
-        print(f"\npreferences: {time.perf_counter() - t:.0f} s\n")
-        out["preferences"] = {"base": base, "rows": rows}
+        print(f"\n{part}: {time.perf_counter() - t:.0f} s\n")
+        out[part] = {"base": public_fields(base), "rows": [public_fields(r) for r in rows]}
     print(f"total: {time.perf_counter() - start:.0f} s")
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(out, indent=1))

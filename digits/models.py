@@ -125,7 +125,7 @@ class DigitsDenoiser:
       with p(c | x_σ) from the attached noise-aware guidance classifier (the class prior is uniform enough,
       ~10% each, that renormalising the classifier's posterior over S is the posterior given y ∈ S).
       A one-element set is just the class; the set of all ten classes is the unconditional model of the
-      same family (the mixture, not the null class — see the demo's task 1 for why that matters).
+      same family (the mixture, not the null class — see the README section on capped tempering for why that matters).
       Needs ``classifier`` (else a clear error).
     - an int64 tensor of shape (N,): per-sample labels 0..10 (10 = null class).
 
@@ -197,7 +197,7 @@ class DigitsDenoiser:
         sigma = _per_sample_sigma(sigma, x)
         parsed = [self._parse(c, n, i) for i, c in enumerate(conds)]
         # One UNet row block per distinct class: attribute experts and single classes that share a class
-        # (even, ≥5 and the all-classes mixture of task 1) reuse its block instead of recomputing it.
+        # (e.g. even, ≥5 and the all-classes mixture in one product) reuse its block instead of recomputing it.
         row_labels, blocks, block_of_class = [], [], {}
 
         def block(labels: torch.Tensor, key=None) -> int:
