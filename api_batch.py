@@ -1,7 +1,7 @@
 """Batch runs through ComfyUI's HTTP + websocket API: one API workflow, one JSONL of overrides, one manifest.
 
     python -m comfy_poe.api_batch --server http://127.0.0.1:8188 \\
-        --workflow workflows/X_api.json --overrides jobs.jsonl --out manifest.json
+        --workflow workflows/api/X_api.json --overrides jobs.jsonl --out manifest.json
 
 ``--workflow`` is an API-format workflow (ComfyUI menu: Export (API)): ``{node_id: {"class_type",
 "inputs", "_meta": {"title"}}}``. Each JSONL line is one job::

@@ -78,7 +78,7 @@ def test_ui_workflow_is_consistent(path):
     used = {(n["id"], i["link"]) for n in ui["nodes"] for i in n.get("inputs", []) if i.get("link") is not None}
     assert used == {(link[3], link[0]) for link in ui["links"]}, f"{path.name}: inputs and links table disagree"
     if build_ui.is_generated(ui):
-        twin = WORKFLOWS / ui["extra"][build_ui.GENERATED_KEY]
+        twin = WORKFLOWS / build_ui.API_FOLDER / ui["extra"][build_ui.GENERATED_KEY]
         assert twin.exists(), f"{path.name}: generated from {twin.name}, which is gone"
 
 

@@ -4,7 +4,7 @@ ComfyUI lists every ``*.json`` of a pack's ``workflows/`` folder as a template. 
 the UI (litegraph) format the frontend saves — nodes with positions, sockets, positional
 ``widgets_values`` and a ``links`` table — while tests submit the API format
 (``{id: {"class_type", "inputs"}}``). The API files are the source of truth; this tool writes
-``<name>.json`` next to each ``<name>_api.json`` using a live server's ``/object_info`` (the only
+``<name>.json`` for each ``api/<name>_api.json`` using a live server's ``/object_info`` (the only
 place that knows each node's input order, widget kinds and output types)::
 
     python workflows/build_ui.py --server http://127.0.0.1:8188          # (re)write the UI twins
@@ -38,6 +38,9 @@ import urllib.request
 from pathlib import Path
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent
+# API twins live one folder down: ComfyUI lists only ``workflows/*.json`` (not sub-folders) as templates,
+# and an API-format file opened as a template fails ("does not contain a valid version").
+API_FOLDER = "api"
 API_SUFFIX = "_api.json"
 GENERATED_KEY = "comfy_poe_generated_from"
 UI_VERSION = 0.4
@@ -315,11 +318,18 @@ def strip_meta(api: dict) -> dict:
 
 
 def api_workflows(folder: Path = WORKFLOWS_DIR) -> list[Path]:
-    return sorted(folder.glob("*" + API_SUFFIX))
+    """The API-format files of a workflow folder (``<folder>/api/*_api.json``)."""
+    return sorted((folder / API_FOLDER).glob("*" + API_SUFFIX))
 
 
 def ui_twin_path(api_path: Path) -> Path:
-    return api_path.with_name(api_path.name[: -len(API_SUFFIX)] + ".json")
+    """``workflows/api/<name>_api.json`` -> ``workflows/<name>.json``."""
+    return api_path.parent.parent / (api_path.name[: -len(API_SUFFIX)] + ".json")
+
+
+def api_twin_path(ui_path: Path) -> Path:
+    """``workflows/<name>.json`` -> ``workflows/api/<name>_api.json``."""
+    return ui_path.parent / API_FOLDER / (ui_path.stem + API_SUFFIX)
 
 
 def is_generated(ui: dict) -> bool:
@@ -370,9 +380,7 @@ def build_all(object_info: dict, folder: Path = WORKFLOWS_DIR, check: bool = Fal
             write_json_atomic(ui_path, ui)
             log(f"wrote {ui_path.name}")
     for ui_path in sorted(folder.glob("*.json")):
-        if ui_path.name.endswith(API_SUFFIX):
-            continue
-        twin = ui_path.with_name(ui_path.stem + API_SUFFIX)
+        twin = api_twin_path(ui_path)
         if not twin.exists() and is_generated(json.loads(ui_path.read_text(encoding="utf-8"))):
             log(f"orphan {ui_path.name}: generated from {twin.name}, which no longer exists (delete it?)")
     return stale

@@ -66,7 +66,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_generate_tests(metafunc):
-    """A test taking ``shipped_workflow`` runs once per ``workflows/*_api.json`` (a Path)."""
+    """A test taking ``shipped_workflow`` runs once per ``workflows/api/*_api.json`` (a Path)."""
     if "shipped_workflow" in metafunc.fixturenames:
         paths = shipped_api_workflows()
         metafunc.parametrize("shipped_workflow", paths, ids=[p.stem for p in paths])
@@ -116,8 +116,8 @@ def load_api_workflow(path: str | Path, checkpoint_name: str | None = None) -> d
 
 
 def shipped_api_workflows() -> list[Path]:
-    """Every API-format workflow the pack ships (``workflows/*_api.json``), sorted."""
-    return sorted(WORKFLOWS_DIR.glob("*_api.json"))
+    """Every API-format workflow the pack ships (``workflows/api/*_api.json``), sorted."""
+    return sorted((WORKFLOWS_DIR / "api").glob("*_api.json"))
 
 
 # Shipped workflows carry real SD1.5 values (512-768 px, 20+ steps); on the tiny CPU checkpoint we keep

@@ -2,7 +2,7 @@
 SD1.5 checkpoint generates them into a dataset folder that a second run extends (resume), and the Skill
 LoRA Trainer trains on a dataset made in-test and its LoRA is saved with Save Trained LoRA.
 
-The shipped chain (workflows/selma_chain_api.json: prompts → dataset → skill LoRA → save, per skill, then
+The shipped chain (workflows/api/selma_chain_api.json: prompts → dataset → skill LoRA → save, per skill, then
 LoRA Stack → LoRA Merge → sample) runs end to end at tiny sizes; the merged file is checked against the
 skill LoRAs and through the core LoraLoader."""
 import contextlib
@@ -153,7 +153,7 @@ def test_skill_lora_trainer_trains_and_the_lora_is_saved(comfy_server, tiny_chec
 
 # ------------------------------------------------------------------ the shipped chain, end to end
 
-CHAIN_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "selma_chain_api.json"
+CHAIN_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "selma_chain_api.json"
 # Every line passes the 'count' (a number word ≤ 3) and 'spatial' preset filters; the second is a
 # near-duplicate of the first (ROUGE-L), so each skill collects exactly these two prompts.
 CHAIN_ANSWER = ["4. Two frogs on a sofa.\n", "5. Two small frogs on a sofa.\n", "6. One fox under a desk.\n"]

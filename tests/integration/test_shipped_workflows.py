@@ -1,4 +1,4 @@
-"""Every API workflow the pack ships (workflows/*_api.json) runs on the tiny SD1.5 checkpoint."""
+"""Every API workflow the pack ships (workflows/api/*_api.json) runs on the tiny SD1.5 checkpoint."""
 import pytest
 
 pytestmark = pytest.mark.integration

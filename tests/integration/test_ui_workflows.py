@@ -38,7 +38,7 @@ def object_info(comfy_server) -> dict:
 
 
 def _api_twin(ui_path: Path) -> dict:
-    return _load(ui_path.with_name(ui_path.stem + build_ui.API_SUFFIX))
+    return _load(build_ui.api_twin_path(ui_path))
 
 
 USER_FOLDER_INPUTS = {"llm_name", "model_name"}  # combos listing folders under models/LLM, models/vlm
