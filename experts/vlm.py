@@ -109,31 +109,43 @@ def check_model_folder(folder, *, allow_pickle: bool = False, trust_remote_code:
     return config
 
 
+# Constructor parameters that are sub-processors, not options read from processor_config.json.
+SUB_PROCESSOR_PARAMS = ("image_processor", "tokenizer", "video_processor", "feature_extractor")
+
+
 @functools.lru_cache(maxsize=None)
 def processor_class_without_video(processor_cls):
-    """Subclass of a transformers processor class that drops its video sub-processor.
+    """The processor class itself, or, if it owns a video sub-processor, a subclass that has none.
 
-    Qwen-VL, SmolVLM and LLaVA-OneVision processors own a video processor that needs torchvision and its
-    own config file; a judge never sees video, so the processor is built from the image processor and
-    tokenizer alone (one failure mode fewer, with or without torchvision).
+    Qwen-VL, SmolVLM and LLaVA-OneVision processors own a video processor, which needs torchvision and its
+    own config file; a judge never sees video. The subclass declares its sub-processors the two ways
+    transformers reads them — the ``attributes`` list (4.x) and the modality parameters of ``__init__``
+    (5.x, ``ProcessorMixin.get_attributes``) — as the image processor and tokenizer alone, and passes
+    ``video_processor=None`` to the family's own constructor, which keeps every other family option.
+    Nothing else is overridden: it is built through its public constructor (:func:`load_processor`).
     """
+    signature = inspect.signature(processor_cls.__init__)
+    if "video_processor" not in signature.parameters:
+        return processor_cls
+    # transformers reads both the sub-processors and the options it saves from this signature.
+    image_only = signature.replace(parameters=[p for n, p in signature.parameters.items() if n != "video_processor"])
 
-    takes_video = "video_processor" in inspect.signature(processor_cls.__init__).parameters
+    class ImageOnlyProcessor(processor_cls):
+        if isinstance(getattr(processor_cls, "attributes", None), list):  # transformers 4.x
+            attributes = [a for a in processor_cls.attributes if "video" not in a]
 
-    class NoVideoProcessor(processor_cls):
-        @classmethod
-        def get_attributes(cls):
-            return [a for a in processor_cls.get_attributes() if "video" not in a]
+        def __init__(self, *args, **kwargs):
+            bound = image_only.bind(self, *args, **kwargs)
+            options = {n: v for n, v in bound.arguments.items() if n != "self"}
+            options.update(options.pop(next((n for n, p in image_only.parameters.items()
+                                             if p.kind is p.VAR_KEYWORD), "_"), {}))
+            super().__init__(video_processor=None, **options)
 
-        @classmethod
-        def from_args_and_dict(cls, args, processor_dict, **kwargs):
-            if takes_video:  # some processors take video_processor without a default
-                processor_dict = {**processor_dict, "video_processor": None}
-            return super().from_args_and_dict(args, processor_dict, **kwargs)
+        __init__.__signature__ = image_only
 
-    NoVideoProcessor.__name__ = processor_cls.__name__
-    NoVideoProcessor.__qualname__ = processor_cls.__qualname__
-    return NoVideoProcessor
+    ImageOnlyProcessor.__name__ = processor_cls.__name__
+    ImageOnlyProcessor.__qualname__ = processor_cls.__qualname__
+    return ImageOnlyProcessor
 
 
 def processor_class(folder: Path, model_type: str):
@@ -152,7 +164,29 @@ def processor_class(folder: Path, model_type: str):
     cls = getattr(transformers, name, None) if name else None
     if cls is None:
         raise VLMFolderError(f"no processor class found for model folder {str(folder)!r} (model_type {model_type!r})")
-    return processor_class_without_video(cls)
+    return cls
+
+
+def load_processor(folder: Path, model_type: str, *, trust_remote_code: bool = False):
+    """The folder's processor, built from its parts through public transformers API only.
+
+    The image processor and tokenizer come from ``AutoImageProcessor`` / ``AutoTokenizer``; the family's
+    options (image token counts, chat template, ...) from ``get_processor_dict``; then the processor's own
+    constructor runs. ``ProcessorMixin.from_pretrained`` is not used: it would also load the video
+    sub-processor, and its internals differ between transformers 4.x and 5.x.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    cls = processor_class(folder, model_type)
+    common = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    options, _ = cls.get_processor_dict(str(folder), **common)
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in options.items() if k not in SUB_PROCESSOR_PARAMS
+              and (k in params or (k == "chat_template" and takes_any))}
+    return processor_class_without_video(cls)(
+        image_processor=AutoImageProcessor.from_pretrained(folder, **common),
+        tokenizer=AutoTokenizer.from_pretrained(folder, **common), **kwargs)
 
 
 def resolve_dtype(dtype, config: dict) -> torch.dtype:
@@ -218,8 +252,6 @@ def load_vlm(folder, *, dtype="auto", device="cpu", allow_pickle: bool = False,
         trust_remote_code=trust_remote_code,
     )
     freeze(model).to(device)
-    processor = processor_class(folder, model_type).from_pretrained(
-        folder, local_files_only=True, trust_remote_code=trust_remote_code
-    )
+    processor = load_processor(folder, model_type, trust_remote_code=trust_remote_code)
     return VLMBundle(model=model, processor=processor, family=family, model_type=model_type, folder=folder,
                      config=config)
