@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run_demo_command(args) -> int:
     import torch
 
+    from .extras import exit_unless_installed
+
+    exit_unless_installed("digits", "The digits demo")
     from .digits.demo import ATTRIBUTE_WEIGHT, POPULATION, TASKS, run_demo
 
     torch.set_num_threads(args.threads or max(1, min(2, torch.get_num_threads())))

@@ -519,6 +519,9 @@ def public_fields(record: dict) -> dict:
 
 
 def main(argv=None):
+    from ..extras import exit_unless_installed
+
+    exit_unless_installed("digits", "The alignment benchmark")
     args = build_parser().parse_args(argv)
     if args.targets == "auto":
         args.targets = AUTO_TARGETS[args.model]

@@ -43,6 +43,9 @@ def fmt(values, pct: bool = False, digits: int = 2) -> str:
 
 
 def main(argv=None):
+    from ..extras import exit_unless_installed
+
+    exit_unless_installed("digits", "The digits benchmark")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5, help="independent seeds (0..seeds-1)")
     ap.add_argument("--samples", type=int, default=100, help="output samples per method and seed")

@@ -57,6 +57,9 @@ def run(target: int, checkpoints: list[int], n_samples: int, sampling_steps: int
 
 
 def main(argv=None):
+    from ..extras import exit_unless_installed
+
+    exit_unless_installed("digits", "The Dual-Process digits benchmark")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--classes", type=int, nargs="+", default=[3, 7])
     ap.add_argument("--steps", type=int, nargs="+", default=[0, 25, 50, 100])

@@ -69,6 +69,9 @@ def success(den, evaluator, target: int, n: int, steps: int) -> float:
 
 
 def main(argv=None):
+    from ..extras import exit_unless_installed
+
+    exit_unless_installed("digits", "The SELMA digits benchmark")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--classes", type=int, nargs="+", default=[3, 7])
     ap.add_argument("--data", type=int, default=64, help="self-generated images per skill (before filtering)")

@@ -326,6 +326,9 @@ TRAINERS = {"unet": train_unet, "classifier": train_classifier, "evaluator": tra
 
 
 def main(argv: Optional[list] = None) -> None:
+    from ..extras import exit_unless_installed
+
+    exit_unless_installed("digits", "Training the digits models")
     parser = argparse.ArgumentParser(prog="python -m comfy_poe.digits.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--what", choices=["unet", "classifier", "evaluator", "mlp", "all"], default="all",
                         help="which model to train ('all' = evaluator, classifier, unet, mlp, then sample checks)")
