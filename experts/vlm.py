@@ -161,7 +161,13 @@ def processor_class(folder: Path, model_type: str):
             if name:
                 break
     name = name or PROCESSOR_MAPPING_NAMES.get(model_type)
-    cls = getattr(transformers, name, None) if name else None
+    try:
+        cls = getattr(transformers, name, None) if name else None
+    except ImportError as exc:  # transformers 4.x imports SmolVLM's processor only with torchvision
+        raise VLMFolderError(
+            f"the {name} processor of model folder {str(folder)!r} cannot be imported with transformers "
+            f"{transformers.__version__}: {exc}. Install torchvision (ComfyUI has it) or transformers>=5"
+        ) from exc
     if cls is None:
         raise VLMFolderError(f"no processor class found for model folder {str(folder)!r} (model_type {model_type!r})")
     return cls

@@ -51,6 +51,7 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def normalise(x: torch.Tensor, image_processor) -> torch.Tensor:
     mean, std = mean_std(image_processor)
+    x = x.contiguous()  # kornia < 0.7.1 views the input, which fails on permuted (NHWC -> NCHW) images
     return kornia.enhance.normalize(x, torch.tensor(mean, dtype=x.dtype, device=x.device),
                                     torch.tensor(std, dtype=x.dtype, device=x.device))
 

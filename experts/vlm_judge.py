@@ -232,7 +232,9 @@ class VLMJudge(VLMView):
         return out
 
     def _logits(self, inputs: dict, keep: int) -> torch.Tensor:
-        return self.bundle.model(**inputs, use_cache=False, logits_to_keep=keep).logits.float()
+        """Logits of the last ``keep`` positions. The slice matters: some models ignore ``logits_to_keep``
+        (Qwen2-VL under transformers 4.57 returns every position)."""
+        return self.bundle.model(**inputs, use_cache=False, logits_to_keep=keep).logits[:, -keep:].float()
 
     def sequence_logprobs(self, inputs: dict, candidates: Sequence[Sequence[int]], mean: bool = False) -> torch.Tensor:
         """(N, len(candidates)) log p(candidate | image, prompt): summed (or averaged) token log-probs.

@@ -262,30 +262,36 @@ def test_vlm_judge_dual_process_loss_falls_through_decoder_and_generator(tmp_pat
     seen = []
     decode = gen.decode
     gen.decode = lambda z: seen.append(decode(z)) or seen[-1]
-    cfg = DualProcessConfig(loop=LoopConfig(steps=12, lr=5e-2, seed=0), noise_pool=1, train_scale=5.0,
+    cfg = DualProcessConfig(loop=LoopConfig(steps=12, lr=1e-2, seed=0), noise_pool=1, train_scale=5.0,
                             eval_scale=5.0)  # one fixed noise: the loss curve is comparable step to step
     result = tune(gen, [judge], lora, cfg)
     lora.detach()
     losses = [r["loss"] for r in result.history]
     print("VLM dual-process loss", [round(v, 3) for v in losses])
     # a random tiny VLM is nearly blind (loss ≈ log |vocab|), so the margins are small but exact (fixed seeds)
-    assert losses[-1] < losses[0] - 0.05 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.03
+    # measured drops of the last loss / the mean of the last six: 0.11 / 0.11 (transformers 5.25), 0.09 / 0.09
+    # (4.57.1, whose tiny model draws other random weights)
+    assert losses[-1] < losses[0] - 0.05 and sum(losses[6:]) / 6 < losses[0] - 0.05
     assert all(abs(r["score"] + r["loss"]) < 1e-5 for r in result.history)  # loss = −score (batch of 1)
     assert all(torch.equal(v, vlm_params[k]) for k, v in bundle.model.state_dict().items())  # VLM frozen
-    # the overlay (a red line) is drawn on the judge's copy only, never on the generated images
-    img = seen[-1].detach()
+    # the overlay (a red line) is drawn on the judge's copy only, never on the generated images. The first
+    # decoded image is the one checked: training pushes this blind judge's images to saturated red, where a
+    # red line cannot show.
+    img = seen[0].detach()
     kept = img.clone()
     with torch.no_grad():
         judge.fn(img)
     assert torch.equal(img, kept)
+    grey = torch.full_like(img, 0.5)
+    rows = (judge.fn.judge_view(grey) != grey).any(-1).any(-1)[0].nonzero().flatten().tolist()
+    assert rows and all(abs(r - img.shape[1] / 2) <= 2 for r in rows), rows  # "hline: 0.5"
     view = judge.fn.judge_view(img)
     red = torch.tensor([1.0, 0.0, 0.0])
-    line_rows = [r for r in range(view.shape[1]) if torch.allclose(view[0, r], red.expand_as(view[0, r]))]
-    assert line_rows and all(abs(r - view.shape[1] / 2) <= 2 for r in line_rows), line_rows  # at height 0.5
-    # the generated rows under the line are not already red (a saturated image would hide the overlay)
-    assert all((img[0, r] - red).abs().amax(-1).median() > 0.2 for r in line_rows)
-    off_line = [r for r in range(view.shape[1]) if r not in line_rows]
-    assert torch.equal(view[:, off_line], img[:, off_line])
+    assert torch.equal(view[:, rows], red.expand_as(view[:, rows]))
+    off = [r for r in range(img.shape[1]) if r not in rows]
+    assert torch.equal(view[:, off], img[:, off])
+    shown = (view[:, rows] - img[:, rows]).abs().amax(-1) > 0.1  # pixels where the line is visible
+    assert shown.float().mean() > 0.9, shown.float().mean()
 
 
 def test_curves_render_every_recorded_series():

@@ -7,6 +7,8 @@ Recipe: shared/reference/tiny_models_offline.md.
 """
 from __future__ import annotations
 
+import importlib.util
+import tempfile
 from pathlib import Path
 
 import torch
@@ -66,6 +68,29 @@ def _pil(transformers_module, name: str):
     return getattr(transformers_module, name + "Pil", None) or getattr(transformers_module, name)
 
 
+TRANSFORMERS_4 = int(__import__("transformers").__version__.split(".")[0]) < 5
+# transformers 4.x imports SmolVLM's processor only with torchvision (ComfyUI always has it; CPU test venvs may not)
+SMOLVLM_NEEDS_TORCHVISION = TRANSFORMERS_4 and importlib.util.find_spec("torchvision") is None
+
+
+def _rope(**parameters) -> dict:
+    """RoPE settings under the config key of the installed transformers (5.x: rope_parameters)."""
+    return {"rope_scaling" if TRANSFORMERS_4 else "rope_parameters": parameters}
+
+
+def _family_tokenizer(processor_cls, tok):
+    """transformers 4.x processors accept only their family's tokenizer class (e.g. Qwen2TokenizerFast):
+    re-load the in-test tokenizer as that class. 5.x processors take any tokenizer."""
+    import transformers as T
+
+    names = getattr(processor_cls, "tokenizer_class", None)
+    if not TRANSFORMERS_4 or not isinstance(names, tuple) or names[-1] is None:
+        return tok
+    with tempfile.TemporaryDirectory() as scratch:
+        tok.save_pretrained(scratch)
+        return getattr(T, names[-1]).from_pretrained(scratch)
+
+
 def _no_video(processor_cls):
     from comfy_poe.experts.vlm import processor_class_without_video
 
@@ -106,7 +131,7 @@ def build_qwen(folder: Path, model_type: str = "qwen2_vl", image_size: int = 56,
     token_ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     if model_type == "qwen3_vl":
         text = _text_kwargs(vocab, head_dim=head_dim, **token_ids,
-                            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+                            **_rope(rope_type="default", mrope_section=[2, 3, 3], mrope_interleaved=True))
         vision = dict(depth=2, hidden_size=VISION_HIDDEN, intermediate_size=64, num_heads=2, out_hidden_size=TEXT_HIDDEN,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                       deepstack_visual_indexes=[0])
@@ -115,7 +140,7 @@ def build_qwen(folder: Path, model_type: str = "qwen2_vl", image_size: int = 56,
                                  vision_end_token_id=ids["<|vision_end|>"])
         model_cls, proc_cls = T.Qwen3VLForConditionalGeneration, T.Qwen3VLProcessor
     else:
-        text = _text_kwargs(vocab, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]}, **token_ids)
+        text = _text_kwargs(vocab, **_rope(rope_type="default", mrope_section=[2, 3, 3]), **token_ids)
         if model_type == "qwen2_5_vl":
             vision = dict(depth=2, hidden_size=VISION_HIDDEN, intermediate_size=64, num_heads=2, out_hidden_size=TEXT_HIDDEN,
                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
@@ -130,7 +155,8 @@ def build_qwen(folder: Path, model_type: str = "qwen2_vl", image_size: int = 56,
                             vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
     model = model_cls(config).eval()
-    processor = _no_video(proc_cls)(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template)
+    processor = _no_video(proc_cls)(image_processor=image_processor, tokenizer=_family_tokenizer(proc_cls, tok),
+                                    chat_template=tok.chat_template)
     return _save(Path(folder), model, processor, f"{model_type} seed {seed}")
 
 
@@ -257,6 +283,7 @@ def build_paligemma(folder: Path, seed: int = 0) -> Path:
     tok.chat_template = None
     ip = _pil(T, 'SiglipImageProcessor')(size={"height": 32, "width": 32})
     ip.image_seq_length = 16
+    tok = _family_tokenizer(T.PaliGemmaProcessor, tok)
     processor = T.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds 1,152 <loc>/<seg> tokens
     vocab = len(tok)
     config = T.PaliGemmaConfig(
