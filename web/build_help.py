@@ -15,9 +15,10 @@ So one ``docs/<node id>.md`` per node serves every locale (a translation would g
 ``docs/<node id>/<locale>.md``).
 
 Page layout. Hand-written: the title, what the node does, a recipe. Generated from the node schema,
-between the markers ``<!-- schema:begin -->`` / ``<!-- schema:end -->``: the **Inputs** table (every input,
-its type, default, range or options, and its tooltip) and the **Outputs** table (name and type; the third
-column is written by hand and kept when the table is regenerated). ``tests/test_node_help.py`` checks that
+between the markers ``<!-- schema:begin -->`` / ``<!-- schema:end -->``: the **Inputs** list (every input,
+its type, default, range or options, and its tooltip) and the **Outputs** list (name and type; the text
+after the colon is written by hand and kept when the list is regenerated). Lists, not tables: the frontend
+shows the page in the node library's narrow side panel, where a five-column table needs side scrolling. ``tests/test_node_help.py`` checks that
 every node has a page and that each page's tables are exactly what the schema gives, so a page names only
 inputs the node has.
 
@@ -88,7 +89,7 @@ def pack_schemas(object_info: dict) -> dict:
 
 
 def _cell(text) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ").strip()
+    return str(text).replace("\n", " ").strip()
 
 
 def _number(value) -> str:
@@ -99,15 +100,15 @@ def _number(value) -> str:
 
 def default_cell(entry: dict) -> str:
     if "default" not in entry or entry["default"] is None:
-        return "–"
+        return ""
     value = entry["default"]
     if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
+        return f"default `{str(value).lower()}`"
     if isinstance(value, str):
         if "\n" in value or len(value) > 40:
-            return "(see the node)"
-        return f"`{value}`" if value else "(empty)"
-    return f"`{_number(value)}`"
+            return "default: see the node"
+        return f"default `{value}`" if value else "default empty"
+    return f"default `{_number(value)}`"
 
 
 def range_cell(entry: dict) -> str:
@@ -118,39 +119,43 @@ def range_cell(entry: dict) -> str:
     if kind == "COMBO":
         options = entry.get("options")
         if options is None:
-            return "files in your model folders"
+            return "a file or folder from your model folders"
         if len(options) > MAX_LISTED_OPTIONS:
-            return f"{len(options)} options (ComfyUI's list)"
-        return ", ".join(f"`{o}`" for o in options)
-    if kind == "BOOLEAN":
-        return "`true`, `false`"
+            return f"one of ComfyUI's {len(options)} options"
+        return "one of " + ", ".join(f"`{o}`" for o in options)
     if kind == "STRING":
         return "text, several lines" if entry.get("multiline") else "text"
-    return "link"
+    if kind == "BOOLEAN":
+        return ""
+    return "a link"
+
+
+def input_line(entry: dict) -> str:
+    """One input as a list item (help pages are shown in a narrow side panel: lists, not wide tables)."""
+    facts = ", ".join(f for f in (entry["type"], default_cell(entry), range_cell(entry)) if f)
+    tooltip = _cell(entry["tooltip"])
+    return (f"- **{entry['name']}**{' (optional)' if entry['optional'] else ''} — {facts}."
+            + (f" {tooltip}" if tooltip else ""))
 
 
 def inputs_table(schema: dict) -> list[str]:
-    rows = ["| input | type | default | range / options | what it does |", "|---|---|---|---|---|"]
-    for entry in schema["inputs"]:
-        name = f"`{entry['name']}`" + (" (optional)" if entry["optional"] else "")
-        rows.append(f"| {name} | {entry['type']} | {_cell(default_cell(entry))} | {_cell(range_cell(entry))} | "
-                    f"{_cell(entry['tooltip'])} |")
-    return rows
+    return [input_line(entry) for entry in schema["inputs"]]
+
+
+OUTPUT_LINE = re.compile(r"^- \*\*([^*\n]+)\*\*(?: \(list\))? — [^:\n]+: (.*)$", re.M)
 
 
 def output_rows(text: str) -> dict[str, str]:
-    """Hand-written output descriptions of an existing page: ``{output name: text}``."""
-    rows = {}
-    for match in re.finditer(r"^\| `([^`]+)`(?: \(list\))? \| [^|]+ \| (.*) \|$", text, re.M):
-        rows[match.group(1)] = match.group(2)
-    return rows
+    """Hand-written output descriptions of an existing page's Outputs list: ``{output name: text}``."""
+    section = text.split("## Outputs", 1)[1] if "## Outputs" in text else ""
+    return {m.group(1): m.group(2) for m in OUTPUT_LINE.finditer(section)}
 
 
 def outputs_table(schema: dict, written: dict[str, str]) -> list[str]:
-    rows = ["| output | type | what it is |", "|---|---|---|"]
+    rows = []
     for entry in schema["outputs"]:
         text = written.get(entry["name"]) or _cell(entry["tooltip"]) or "TODO: describe this output"
-        rows.append(f"| `{entry['name']}`{' (list)' if entry['is_list'] else ''} | {entry['type']} | {text} |")
+        rows.append(f"- **{entry['name']}**{' (list)' if entry['is_list'] else ''} — {entry['type']}: {text}")
     return rows
 
 
@@ -196,7 +201,7 @@ def problems(schemas: dict, docs: Path = DOCS_DIR, orphans: bool = True) -> list
             found.append(str(e))
             continue
         if expected != text:
-            found.append(f"{node_id}: the Inputs/Outputs tables of {path.name} differ from the node schema "
+            found.append(f"{node_id}: the Inputs/Outputs lists of {path.name} differ from the node schema "
                          "(run python web/build_help.py --server URL)")
         if "TODO" in text:
             found.append(f"{node_id}: {path.name} still has a TODO")
