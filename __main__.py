@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     d = sub.add_parser("demo", help="digits demo: naive / best-of-N / paper / MCMC / FK-SMC on three tasks",
-                       description="Run the digits demo (see README 'Demo').")
+                       description="Run the digits demo (see docs/demo.md).")
     d.add_argument("--out", default="demo_out", help="output folder for the PNG grids, index.md and table.md")
     d.add_argument("--samples", type=_positive, default=None,
                    help="output samples per method (a multiple of --population; default 100, --quick 20)")

@@ -2,7 +2,7 @@
 and DDPO (with diversity), and MaPO vs Diffusion-DPO vs SFT against a random-label control (win rate by the
 held-out judge, margins, held memory, peak RSS, time per step).
 
-    python -m comfy_poe.benchmarks.alignment --threads 1        # the README tables (~20 min on 1 thread)
+    python -m comfy_poe.benchmarks.alignment --threads 1        # the tables of docs/alignment.md (~20 min on 1 thread)
     python -m comfy_poe.benchmarks.alignment --part rollouts --seeds 0 --checkpoints 480,960
 
 Task (digits_benchmark.md): the UNCONDITIONAL digits UNet, reward = the guidance classifier's p(y ∈ {6, 8} | x)
@@ -17,7 +17,7 @@ with time_emb_proj).
 Rollouts (DAG-KL, DAG-DB, DDPO; ``RewardRolloutTrainer``): DDPM 10 steps, 8 chains per step, timestep_fraction
 0.3, lr 1e-3, β_max 100 annealed over the first half of the run; one run per (method, seed), evaluated at
 several trajectory counts (a learning curve, so the early checkpoints see β still rising).
-Gradient clipping is OFF by default (``--grad-clip 0``), the setting of the README table. It was measured when
+Gradient clipping is OFF by default (``--grad-clip 0``), the setting of the table in docs/alignment.md. It was measured when
 the training loop clipped ONE global norm over LoRA + flow network: the flow network's gradient (norm 10²–10³
 once β is large) then scaled the LoRA's gradient down ~1000× and the LoRA stopped learning (seed 0, 1920
 trajectories: DAG-KL +0.02 with the clip at 1 vs +0.75 without). The loop now clips each group on its own norm

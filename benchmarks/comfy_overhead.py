@@ -236,7 +236,7 @@ class RemoteServer:
 def start_local(harness, a):
     comfy_dir = harness._comfy_dir_from_env()
     if comfy_dir is None:
-        sys.exit(f"set {harness.COMFY_DIR_ENV} (a ComfyUI checkout; see README.md, section Tests) or pass --server URL")
+        sys.exit(f"set {harness.COMFY_DIR_ENV} (a ComfyUI checkout; see docs/contributing.md, section Tests) or pass --server URL")
     python = os.environ.get(harness.COMFY_PYTHON_ENV, "").strip() or sys.executable
     custom_nodes = comfy_dir / "custom_nodes"
     link, created = harness.find_pack_link(custom_nodes), None

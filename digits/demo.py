@@ -267,7 +267,7 @@ def method_config(method: str, budget: int, best_of: int = 4, paper_particles: i
     the paper sketch E/(L·(1+K)) with L = 2 particles and K = 1 ULA step, MCMC-only and FK-SMC E/(1+K)
     with K = 1 (FK-SMC weights degenerate below ~30 levels on these 64-dimensional digits). FK-SMC returns all P
     particles of a population, so it pays E per output like naive. ``fk_tempering``: FK-SMC's judge tempering
-    ("capped", or "constant" for the ablation in the README).
+    ("capped", or "constant" for the ablation in docs/demo.md).
     """
     def levels(n):
         return max(int(n), 3)

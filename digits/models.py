@@ -125,7 +125,7 @@ class DigitsDenoiser:
       with p(c | x_σ) from the attached noise-aware guidance classifier (the class prior is uniform enough,
       ~10% each, that renormalising the classifier's posterior over S is the posterior given y ∈ S).
       A one-element set is just the class; the set of all ten classes is the unconditional model of the
-      same family (the mixture, not the null class — see the README section on capped tempering for why that matters).
+      same family (the mixture, not the null class — see docs/demo.md, "Why tempering=capped", for why that matters).
       Needs ``classifier`` (else a clear error).
     - an int64 tensor of shape (N,): per-sample labels 0..10 (10 = null class).
 

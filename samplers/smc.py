@@ -298,7 +298,7 @@ def sample_poe_smc(
     model(x, sigma, **extra_args) -> denoised, in the model's own coordinates; a product model fills
     the capture channel with per-expert predictions (FK corrector weights need them).
     x: initial noise already scaled to sigmas[0] (B, ...); sigmas: decreasing noise levels.
-    Options (see README "Sampler options"): particles L per batch item; judges (discriminative experts)
+    Options (see docs/sampler.md, "Sampler options"): particles L per batch item; judges (discriminative experts)
     and decode (latent -> IMAGE for pixel judges); eta (1 ancestral, 0 Euler); mcmc_steps K, mcmc kind,
     step_scale c (κ² = c σ²); fk_correction "full" | "product" | "off"; weighting "incremental" |
     "paper" | "max" | "sum" | "none"; tempering "constant" | "linear" (β ramp over the judge window) |

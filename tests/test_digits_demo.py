@@ -59,7 +59,7 @@ def test_fk_smc_beats_naive_on_the_attribute_product(denoiser, evaluator):
     Asserted, with the values measured at this seed: FK-SMC MALA's fraction in {6, 8} exceeds naive composition's
     by >= 0.05 (1.00 vs 0.87); its 6-share error is smaller than naive's by >= 0.05 (0.00 vs 0.12) and its class
     total variation (wrong classes + imbalance) is at most half of naive's (0.00 vs 0.16). Over 5 seeds the
-    benchmark gives 96.4% vs 90.0% on target and 6-share 0.51 ± 0.03 vs 0.64 ± 0.02 (README).
+    benchmark gives 96.4% vs 90.0% on target and 6-share 0.51 ± 0.03 vs 0.64 ± 0.02 (docs/demo.md).
     """
     real = demo.real_features(evaluator)
     scores = {}

@@ -125,3 +125,44 @@ def test_ui_to_api_inverts_api_to_ui_on_a_synthetic_object_info():
     dst["widgets_values"].pop(1)
     with pytest.raises(ValueError, match="widgets_values"):
         build_ui.ui_to_api(ui, object_info)
+
+
+TEXT_ZOOM = 8 / 14  # the frontend draws no text below MinFontSizeForLOD (8) / NODE_TEXT_SIZE (14)
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
+def test_ui_layout_reads_at_fit_view(path):
+    """Groups per stage, no overlaps, distinct titles, and Fit View in a 1800x1100 window keeps text drawn
+    (workflows/check_frontend.py checks the same in the real frontend)."""
+    ui = _load(path)
+    boxes = {n["id"]: [n["pos"][0], n["pos"][1] - build_ui.TITLE_HEIGHT, n["size"][0],
+                       n["size"][1] + build_ui.TITLE_HEIGHT] for n in ui["nodes"]}
+    groups = [g["bounding"] for g in ui["groups"]]
+    assert groups, f"{path.name}: no groups"
+    for (i, a), (j, b) in ((x, y) for x in boxes.items() for y in boxes.items() if x[0] < y[0]):
+        assert not _overlap(a, b), f"{path.name}: nodes {i} and {j} overlap"
+    for k, a in enumerate(groups):
+        assert not any(_overlap(a, b) for b in groups[k + 1:]), f"{path.name}: groups overlap"
+    for node_id, box in boxes.items():
+        inside = [g for g in groups if g[0] <= box[0] and g[1] <= box[1] and box[0] + box[2] <= g[0] + g[2]
+                  and box[1] + box[3] <= g[1] + g[3]]
+        assert len(inside) == 1, f"{path.name}: node {node_id} is not inside exactly one group"
+    x0 = min(b[0] for b in boxes.values())
+    y0 = min(b[1] for b in boxes.values())
+    x1 = max(b[0] + b[2] for b in boxes.values())
+    y1 = max(b[1] + b[3] for b in boxes.values())
+    assert build_ui.fit_view_scale(x1 - x0, y1 - y0) >= TEXT_ZOOM, f"{path.name}: Fit View would hide the text"
+    titles = [n.get("title") or n["type"] for n in ui["nodes"]]
+    repeated = {t for t in titles if titles.count(t) > 1 and t in {n["type"] for n in ui["nodes"]}}
+    assert not repeated, f"{path.name}: several nodes keep the default title {sorted(repeated)}"
+
+
+def test_thumbnail_beside_every_ui_workflow():
+    for path in UI_FILES:
+        thumb = path.with_suffix(".jpg")
+        assert thumb.exists(), f"{path.name}: no {thumb.name}; run workflows/check_frontend.py --thumbnails"
+        assert thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name} is not a JPEG"

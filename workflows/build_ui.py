@@ -15,6 +15,23 @@ Generated files carry ``"extra": {"comfy_poe_generated_from": "<name>_api.json"}
 without that marker is hand-made and never overwritten. ``ui_to_api`` is the inverse (what the
 frontend's "Export (API)" does) and is what the round-trip test checks against the API twin.
 
+Layout (so that a template reads at Fit View on a 1800×1100 laptop window, where the frontend zooms to
+0.75 × the fitting scale and draws no text below 8/14 = 0.57): every node is drawn in one **group per
+stage**, and groups are packed compactly (see ``layout``). A node's stage is
+
+- ``"_meta": {"group": "<stage title>"}`` on the node in the API file, when given (the shipped workflows
+  use it to tell their story: "Two models", "Prompts", "Product of experts", "SMC sampling", "Output");
+- otherwise derived from the graph and ``/object_info``: "Output" for sinks (output nodes without outputs,
+  e.g. Save Image) and nodes that only feed sinks (VAE Decode before Save Image), else by category
+  (``CATEGORY_STAGES``: loaders → "Models", conditioning → "Prompts", mask → "Masks", poe/judges →
+  "Judges", poe/sampling → "Product of experts", sampling → "Sampling", …).
+
+Stages are ordered by the deepest node they hold; inside a group, nodes flow in graph order. Node titles
+come from ``_meta.title`` (the name the frontend shows, and what ``api_batch`` selectors match): give nodes
+of one type distinct titles; the tool warns about duplicates. ``workflows/check_frontend.py`` loads every
+UI workflow in the real frontend (headless Chromium) and checks zoom, overlaps, groups and titles, and
+writes the template thumbnails ``workflows/<name>.jpg``.
+
 Frontend conventions reproduced (ComfyUI_frontend 1.27, which ComfyUI v0.3.64 pins):
 - inputs are ordered by ``input_order`` (required, then optional); a node's ``inputs`` array holds
   its socket (non-widget) inputs in that order, followed by any widget input that is linked
@@ -23,7 +40,9 @@ Frontend conventions reproduced (ComfyUI_frontend 1.27, which ComfyUI v0.3.64 pi
   ``control_after_generate`` (or, by legacy convention, one named ``seed`` / ``noise_seed``) is
   followed by the value of its "control after generate" widget, written as ``"fixed"`` so a
   template reproduces its image;
-- links are ``[id, origin_id, origin_slot, target_id, target_slot, type]``, ``version`` 0.4.
+- links are ``[id, origin_id, origin_slot, target_id, target_slot, type]``, ``version`` 0.4;
+- groups are ``{"id", "title", "bounding": [x, y, w, h], "color", "font_size", "flags"}``; a node's ``pos``
+  is the top-left of its body, its 30-pixel title bar is drawn above it.
 
 Standard library only: it must run with any Python, outside ComfyUI's venv.
 """
@@ -52,9 +71,22 @@ CONTROL_VALUE = "fixed"  # "control after generate": keep the seed, so the templ
 # Frontend-only nodes that never reach the server.
 VIRTUAL_NODES = frozenset({"Note", "MarkdownNote"})
 
-# Layout (pixels): columns by graph depth, nodes stacked in each column.
-COLUMN_WIDTH, ROW_GAP, ORIGIN = 420, 40, (40, 60)
-NODE_WIDTH, TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, TEXTAREA_HEIGHT = 360, 30, 22, 26, 96
+# Layout (pixels, canvas units). Node sizes follow the frontend's own metrics (LiteGraph 1.27: title bar 30
+# drawn above ``pos``, slots 20, widgets 20 + 4 margin); sizes are a little above its ``computeSize()`` so
+# no widget is cut off (workflows/check_frontend.py checks that in the real frontend).
+NODE_WIDTH, TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, TEXTAREA_HEIGHT, NODE_PAD = 320, 30, 20, 24, 72, 16
+NODE_GAP, GROUP_PAD, GROUP_HEADER, GROUP_GAP, ORIGIN = 24, 14, 56, 36, (0, 0)
+# The view the layout is made for: Fit View (``ds.fitToBounds``, zoom 0.75) in a laptop window. Below
+# a zoom of MinFontSizeForLOD / NODE_TEXT_SIZE (8 / 14 = 0.57 by default) the frontend draws no text.
+VIEW, FIT_ZOOM = (1800, 1100), 0.75
+# Above this Fit View zoom, reading order (stage order, one column per depth) beats a larger zoom.
+COMFORTABLE_SCALE = 0.6
+GROUP_COLORS = ("#3f789e", "#88A", "#8A8", "#b58b2a", "#a1309b", "#b06634", "#444")
+# Stage names derived from a node's category when the API file gives no ``_meta.group`` hint.
+CATEGORY_STAGES = (("loaders", "Models"), ("advanced/loaders", "Models"), ("conditioning", "Prompts"),
+                   ("mask", "Masks"), ("poe/judges", "Judges"), ("poe/sampling", "Product of experts"),
+                   ("sampling", "Sampling"), ("poe/lora", "LoRA merge"), ("poe/training", "Training"),
+                   ("poe/selma", "SELMA"), ("latent", "Latent"), ("image", "Images"))
 
 
 # --------------------------------------------------------------------------- object_info helpers
@@ -152,10 +184,11 @@ def graph_depths(api: dict) -> dict[str, int]:
 
 
 def node_height(n_sockets: int, n_outputs: int, widget_specs: list) -> int:
+    """Body height (the title bar is drawn above it): slot rows, then one row per widget."""
     rows = max(n_sockets, n_outputs)
     widgets = sum(TEXTAREA_HEIGHT if spec_options(s).get("multiline") else WIDGET_HEIGHT * widget_count(n, s)
                   for n, s in widget_specs)
-    return TITLE_HEIGHT + SLOT_HEIGHT * rows + widgets + 10
+    return SLOT_HEIGHT * rows + widgets + NODE_PAD
 
 
 def api_to_ui(api: dict, object_info: dict, source_name: str = "") -> dict:
@@ -231,12 +264,17 @@ def api_to_ui(api: dict, object_info: dict, source_name: str = "") -> dict:
             ui_node["title"] = title
         nodes.append(ui_node)
 
-    layout(nodes, depths)
+    stages = {node_id: node_stage(node_id, api, object_info) for node_id in ids}
+    groups = layout(nodes, depths, stages)
+    titles = [n.get("title") or object_info[n["type"]].get("display_name") or n["type"] for n in nodes]
+    for title in sorted({t for t in titles if titles.count(t) > 1}):
+        print(f"warning: {source_name or 'workflow'}: {titles.count(title)} nodes are titled {title!r}; "
+              "give them distinct _meta.title values in the API file", file=sys.stderr)
     extra = {GENERATED_KEY: source_name} if source_name else {}
     return {
         "last_node_id": max((n["id"] for n in nodes), default=0),
         "last_link_id": len(links),
-        "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": extra, "version": UI_VERSION,
+        "nodes": nodes, "links": links, "groups": groups, "config": {}, "extra": extra, "version": UI_VERSION,
     }
 
 
@@ -244,16 +282,135 @@ def spec_optional(specs, name: str) -> bool:
     return any(optional for n, _, optional in specs if n == name)
 
 
-def layout(nodes: list[dict], depths: dict[str, int]) -> None:
-    """Left-to-right layering: column = depth, nodes stacked top-down by id within a column."""
-    columns: dict[int, list[dict]] = {}
-    for node in nodes:
-        columns.setdefault(depths[str(node["id"])], []).append(node)
-    for depth, column in columns.items():
-        y = ORIGIN[1]
-        for node in sorted(column, key=lambda n: n["id"]):
-            node["pos"] = [ORIGIN[0] + depth * COLUMN_WIDTH, y]
-            y += node["size"][1] + ROW_GAP
+def node_stage(node_id: str, api: dict, object_info: dict) -> str:
+    """The group (stage) a node is drawn in: ``_meta.group`` of the API file, else derived: sinks (output
+    nodes without outputs, e.g. Save Image) and what only feeds them ("Output"), then the node's category
+    (CATEGORY_STAGES), else its first part."""
+    node = api[node_id]
+    hint = node.get("_meta", {}).get("group")
+    if hint:
+        return str(hint)
+    info = object_info.get(node["class_type"], {})
+
+    def sink(class_type: str) -> bool:  # SaveImage, PreviewImage …: an output node with no outputs
+        other = object_info.get(class_type, {})
+        return bool(other.get("output_node")) and not other.get("output")
+
+    consumers = [other["class_type"] for other in api.values()
+                 if any(is_link(v) and str(v[0]) == node_id for v in other["inputs"].values())]
+    if sink(node["class_type"]) or (consumers and all(sink(c) for c in consumers)):
+        return "Output"
+    category = str(info.get("category", ""))
+    for prefix, stage in CATEGORY_STAGES:
+        if category == prefix or category.startswith(prefix + "/"):
+            return stage
+    return category.split("/")[0].capitalize() or "Nodes"
+
+
+def _stage_block(members: list[dict], depths: dict[str, int], max_height: float,
+                 by_depth: bool) -> tuple[list, float, float]:
+    """Positions of one stage's nodes relative to its group's inner top-left, in reading order (graph
+    depth, then id) flowing top to bottom, then to the next column: a new column when ``by_depth`` and the
+    depth changes, or when the column would grow past ``max_height``."""
+    columns: list[list[dict]] = [[]]
+    height, last_depth = 0.0, None
+    for node in sorted(members, key=lambda n: (depths[str(n["id"])], n["id"])):
+        tall, depth = TITLE_HEIGHT + node["size"][1], depths[str(node["id"])]
+        if columns[-1] and ((by_depth and depth != last_depth) or height + NODE_GAP + tall > max_height):
+            columns.append([])
+            height = 0.0
+        height += (NODE_GAP if columns[-1] else 0) + tall
+        columns[-1].append(node)
+        last_depth = depth
+    placed, x, block_h = [], 0.0, 0.0
+    for column in columns:
+        y = 0.0
+        for node in column:
+            placed.append((node, x, y + TITLE_HEIGHT))
+            y += TITLE_HEIGHT + node["size"][1] + NODE_GAP
+        block_h = max(block_h, y - NODE_GAP)
+        x += max(n["size"][0] for n in column) + NODE_GAP
+    return placed, x - NODE_GAP, block_h
+
+
+def _pack(sizes: list[tuple[float, float]], order: list[int], width: float, height: float, monotone: bool):
+    """Column-first fill: each box (in ``order``) goes to the left-most, then top-most free corner that keeps
+    it inside ``width`` × ``height`` without touching the others (GROUP_GAP apart); with ``monotone`` never
+    left of the box before it, so the boxes read top to bottom, left to right. None if one does not fit."""
+    spots: dict[int, tuple[float, float]] = {}
+    corners, last_x = [(0.0, 0.0)], 0.0
+    for i in order:
+        w, h = sizes[i]
+        for x, y in sorted(corners, key=lambda c: (c[0], c[1])):
+            if x + w > width or y + h > height or (monotone and x < last_x):
+                continue
+            if all(x + w + GROUP_GAP <= ox or ox + sizes[j][0] + GROUP_GAP <= x or
+                   y + h + GROUP_GAP <= oy or oy + sizes[j][1] + GROUP_GAP <= y for j, (ox, oy) in spots.items()):
+                spots[i] = (x, y)
+                corners += [(x + w + GROUP_GAP, y), (x, y + h + GROUP_GAP)]
+                last_x = x
+                break
+        else:
+            return None
+    return spots
+
+
+def fit_view_scale(width: float, height: float) -> float:
+    """The zoom the frontend's Fit View picks for a graph of this size in the VIEW window."""
+    return FIT_ZOOM * min(VIEW[0] / max(width + 20, 300), VIEW[1] / max(height + 20, 300))
+
+
+def layout(nodes: list[dict], depths: dict[str, int], stages: dict[str, str]) -> list[dict]:
+    """Lay the nodes out in one group per stage and return the groups (UI format).
+
+    Stages are ordered by the largest graph depth of their nodes (then the smallest node id), so the graph
+    reads left to right, top to bottom: inputs, prompts, experts / judges, sampling, output. Inside a
+    group nodes flow in reading order (graph depth, then id) down a column and on to the next. The groups
+    are packed column-first into the smallest box of the VIEW window's shape that holds them (in stage
+    order, each group below or right of the one before; or largest first when that packs tighter). Among a few column heights the arrangement with the
+    largest Fit View zoom wins, up to COMFORTABLE_SCALE; above it, and on ties, stage order and one column per
+    depth win, then the larger zoom, then the smaller area. Nodes and groups never overlap."""
+    members: dict[str, list[dict]] = {}
+    for node in sorted(nodes, key=lambda n: n["id"]):
+        members.setdefault(stages[str(node["id"])], []).append(node)
+    stage_order = sorted(members, key=lambda s: (max(depths[str(n["id"])] for n in members[s]),
+                                                 min(n["id"] for n in members[s])))
+    tallest = max((TITLE_HEIGHT + n["size"][1] for n in nodes), default=0)
+    best = None
+    for by_depth in (True, False):
+        for max_height in sorted({tallest, 500.0, 700.0, 900.0, 1200.0, float("inf")}):
+            if max_height < tallest:
+                continue
+            blocks = [_stage_block(members[s], depths, max_height, by_depth) for s in stage_order]
+            sizes = [(w + 2 * GROUP_PAD, h + GROUP_HEADER + GROUP_PAD) for _, w, h in blocks]
+            area = sum((w + GROUP_GAP) * (h + GROUP_GAP) for w, h in sizes)
+            aspect = VIEW[0] / VIEW[1]
+            s = max((area / aspect) ** 0.5, max(w for w, _ in sizes) / aspect, max(h for _, h in sizes))
+            by_size = sorted(range(len(sizes)), key=lambda i: -sizes[i][0] * sizes[i][1])
+            for rank, order in enumerate((list(range(len(sizes))), by_size)):
+                scale_h = s
+                for _ in range(200):
+                    spots = _pack(sizes, order, scale_h * aspect, scale_h, monotone=rank == 0)
+                    if spots is not None:
+                        break
+                    scale_h *= 1.03
+                width = max(spots[i][0] + sizes[i][0] for i in spots)
+                height = max(spots[i][1] + sizes[i][1] for i in spots)
+                scale = round(fit_view_scale(width, height), 2)
+                key = (min(scale, COMFORTABLE_SCALE), -rank, by_depth, scale, -width * height)
+                if best is None or key > best[0]:
+                    best = (key, blocks, sizes, spots)
+    groups = []
+    if best is None:
+        return groups
+    _, blocks, sizes, spots = best
+    for i, title in enumerate(stage_order):
+        gx, gy = spots[i][0] + ORIGIN[0], spots[i][1] + ORIGIN[1]
+        for node, x, y in blocks[i][0]:
+            node["pos"] = [gx + GROUP_PAD + x, gy + GROUP_HEADER + y]
+        groups.append({"id": i + 1, "title": title, "bounding": [gx, gy, sizes[i][0], sizes[i][1]],
+                       "color": GROUP_COLORS[i % len(GROUP_COLORS)], "font_size": 24, "flags": {}})
+    return groups
 
 
 # --------------------------------------------------------------------------- UI -> API

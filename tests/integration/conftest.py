@@ -43,7 +43,7 @@ TINY_CHECKPOINT = "tiny_random_sd15.safetensors"
 
 SKIP_REASON = (
     f"{COMFY_DIR_ENV} is not set: integration tests need a ComfyUI checkout "
-    f"(and {COMFY_PYTHON_ENV} = its venv python); see README.md, section Tests"
+    f"(and {COMFY_PYTHON_ENV} = its venv python); see docs/contributing.md, section Tests"
 )
 
 # A direct opener: no proxy handler, so requests can only ever reach 127.0.0.1.
