@@ -296,3 +296,17 @@ def test_reward_judge_steers_smc_towards_higher_reward(folders):
     assert out.shape == (1, 3, 32, 32)
     final = report.final_potentials[:, 0]
     torch.testing.assert_close(final.max().float(), 5.0 * judge(decode(out)).float()[0], atol=1e-4, rtol=1e-4)
+
+
+def test_convert_reward_command(folders, tmp_path, capsys):
+    from comfy_poe.__main__ import main
+
+    pth, base = folders["aesthetic_sources"]
+    args = ["convert-reward", "aesthetic", "--source", str(pth), "--base", str(base), "--out", str(tmp_path / "aes")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "pickle" in err and "--allow-pickle" in err and not (tmp_path / "aes").exists()
+    assert main(args + ["--allow-pickle"]) == 0
+    captured = capsys.readouterr()
+    assert "match" in captured.out and "warning:" in captured.err
+    assert detect_kind(tmp_path / "aes")[0] == AESTHETIC
