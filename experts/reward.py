@@ -304,10 +304,17 @@ def _clip_image_settings(processor) -> dict:
 
 def load_reward_model(folder, *, dtype="auto", device="cpu") -> RewardModel:
     """Load a reward folder (see the module docstring), frozen, after the safety checks (no pickles, no
-    remote code, the architecture its kind needs)."""
+    remote code, the architecture its kind needs).
+
+    Built outside inference mode (ComfyUI runs nodes under ``torch.inference_mode``): weights created there
+    are inference tensors, which autograd cannot save, and the judge must stay differentiable (trainers)."""
+    with torch.inference_mode(False):
+        return _load_reward_model(Path(folder), dtype, device)
+
+
+def _load_reward_model(folder: Path, dtype, device) -> RewardModel:
     from transformers import AutoProcessor, AutoTokenizer
 
-    folder = Path(folder)
     kind, fmt = detect_kind(folder)
     if fmt == OPEN_CLIP:
         model = _load_open_clip(folder)

@@ -134,6 +134,18 @@ def test_gradients_reach_pixels_and_expert(folders, kind):
     assert expert.space == PIXEL and expert.differentiable and expert.weight == 2.0 and expert.name == kind
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_loaded_under_inference_mode_stays_differentiable(folders, kind):
+    """ComfyUI runs nodes under inference_mode; the trainers then differentiate the judge outside it."""
+    with torch.inference_mode():
+        model = load_reward_model(folders[kind])
+    assert not any(p.is_inference() for p in model.parameters())
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.rand(1, 40, 40, 3).requires_grad_(True)
+        RewardJudge(model, PROMPT)(x).sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
 def test_prompt_matters_and_is_required(folders):
     model = load_reward_model(folders[PICKSCORE])
     x = quantised_images(2)
