@@ -653,7 +653,7 @@ def _compare(kind: str, got: torch.Tensor, want: torch.Tensor, tolerance: float,
 
 
 def convert_reward(kind: str, source, out, *, base=None, allow_pickle: bool = False, fmt: str = TRANSFORMERS,
-                   tolerance: float = 1e-4) -> ConversionResult:
+                   tolerance: float = 1e-4, arch: str = "ViT-H-14") -> ConversionResult:
     """Turn an official reward checkpoint into a safetensors reward folder ``out`` and check that the
     converted folder reproduces the original's scores on a few random images / prompts.
 
@@ -661,7 +661,8 @@ def convert_reward(kind: str, source, out, *, base=None, allow_pickle: bool = Fa
     * pickscore: source = a transformers CLIP folder with pickle weights (pytorch_model.bin);
     * hpsv2: source = HPS_v2.1_compressed.pt (open_clip ViT-H-14); ``fmt`` "transformers" needs ``base``, a
       transformers CLIP-H folder for config, tokenizer and processor (laion/CLIP-ViT-H-14-laion2B-s32B-b79K or
-      PickScore_v1); "open_clip" writes open_clip_model.safetensors (needs open_clip at use time);
+      PickScore_v1); "open_clip" writes open_clip_model.safetensors for open_clip architecture ``arch``
+      (needs open_clip at use time);
       reference: :func:`open_clip_reference_embeds` on the original tensors;
     * imagereward: source = ImageReward.pt, base = a transformers BLIP ITM folder for config and tokenizer
       (Salesforce/blip-itm-large-coco; its weights are not used; the image size is read from the checkpoint);
@@ -681,7 +682,7 @@ def convert_reward(kind: str, source, out, *, base=None, allow_pickle: bool = Fa
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        result = _convert(kind, Path(source), tmp, base, allow_pickle, fmt, tolerance)
+        result = _convert(kind, Path(source), tmp, base, allow_pickle, fmt, tolerance, arch)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -692,7 +693,7 @@ def convert_reward(kind: str, source, out, *, base=None, allow_pickle: bool = Fa
     return result
 
 
-def _convert(kind, source, out, base, allow_pickle, fmt, tolerance) -> ConversionResult:
+def _convert(kind, source, out, base, allow_pickle, fmt, tolerance, arch) -> ConversionResult:
     import transformers as T
     from safetensors.torch import save_file
 
@@ -767,9 +768,9 @@ def _convert(kind, source, out, base, allow_pickle, fmt, tolerance) -> Conversio
         open_clip = _import_open_clip()
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(out / OPEN_CLIP_WEIGHTS))
-        _write_marker(out, kind=HPS, format=OPEN_CLIP, arch="ViT-H-14", source=source.name)
+        _write_marker(out, kind=HPS, format=OPEN_CLIP, arch=arch, source=source.name)
         model = load_reward_model(out)
-        tokens = open_clip.get_tokenizer("ViT-H-14")(prompts)
+        tokens = open_clip.get_tokenizer(arch)(prompts)
         heads_v, heads_t = model.backbone.visual.transformer.resblocks[0].attn.num_heads, \
             model.backbone.transformer.resblocks[0].attn.num_heads
         with torch.no_grad():

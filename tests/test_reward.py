@@ -322,3 +322,74 @@ def test_convert_reward_command(folders, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "match" in captured.out and "warning:" in captured.err
     assert detect_kind(tmp_path / "aes")[0] == AESTHETIC
+
+
+def _open_clip_tiny(open_clip, tmp_path):
+    """A tiny open_clip ViT registered as architecture 'poe-tiny-vit' (open_clip's own tokenizer vocabulary)."""
+    import json
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    path = tmp_path / "poe-tiny-vit.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    torch.manual_seed(4)
+    model = open_clip.create_model("poe-tiny-vit", pretrained=None).eval()
+    with torch.no_grad():  # open_clip initialises some weights to zero / tiny values: spread them for the test
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _hf_clip_tokenizer_from_open_clip(folder: Path):
+    """A transformers CLIPTokenizer with open_clip's BPE vocabulary (what laion/CLIP-ViT-H-14 ships)."""
+    import gzip
+    import json
+
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!")
+
+
+def test_hps_conversion_matches_the_real_open_clip(tmp_path):
+    """HPS v2.1 through both paths against open_clip itself (skipped without the optional open_clip_torch)."""
+    open_clip = pytest.importorskip("open_clip")
+    import transformers as T
+
+    model = _open_clip_tiny(open_clip, tmp_path)
+    pt = tmp_path / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": model.state_dict()}, pt)
+    x = quantised_images(3, seed=5)
+    tokens = open_clip.get_tokenizer("poe-tiny-vit")([PROMPT] * 3)
+    with torch.no_grad():
+        pixels = (x.permute(0, 3, 1, 2) - torch.tensor(OPENAI_MEAN)[:, None, None]) / torch.tensor(OPENAI_STD)[:, None, None]
+        want = 100 * (F.normalize(model.encode_image(pixels), dim=-1) * F.normalize(model.encode_text(tokens), dim=-1)).sum(-1)
+    # open_clip format (the converter's own check compares it with open_clip_reference_embeds)
+    result = convert(HPS, pt, tmp_path / "hps_open_clip", fmt="open_clip", arch="poe-tiny-vit")
+    got = RewardJudge(load_reward_model(result.folder), PROMPT)(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # transformers format from a CLIP base folder with the same dimensions and open_clip's vocabulary
+    base = tmp_path / "clip_base"
+    base.mkdir()
+    tok = _hf_clip_tokenizer_from_open_clip(base)
+    assert tok(PROMPT)["input_ids"] == [i for i in tokens[0].tolist() if i], "same tokens as open_clip"
+    config = T.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
+                         eos_token_id=49407, bos_token_id=49406, pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8, hidden_act="gelu"),
+        projection_dim=16)
+    T.CLIPModel(config).save_pretrained(base)
+    ip = T.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    T.CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(base)
+    result = convert(HPS, pt, tmp_path / "hps_hf", base=base)
+    got = RewardJudge(load_reward_model(result.folder), PROMPT)(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
