@@ -106,3 +106,23 @@ def test_pickle_only_folder_is_refused_with_the_converter_command(comfy_server, 
         shutil.rmtree(folder, ignore_errors=True)
         if created_root and root.exists() and not any(root.iterdir()):
             root.rmdir()
+
+
+def test_reward_judge_tunes_a_lora_with_dual_process(comfy_server, tiny_checkpoint_name, reward_models, prompt_nodes):
+    """The same socket feeds the trainers: the aesthetic reward is the differentiable Dual-Process loss."""
+    _, aes_dir = reward_models
+    prompt = {**prompt_nodes(tiny_checkpoint_name),
+              "11": {"class_type": "PoERewardJudge", "inputs": {
+                  "model_name": aes_dir.name, "prompt": "", "weight": 1.0, "dtype": "float32", "batch_size": 1}},
+              "20": {"class_type": "PoEDualProcessTune", "inputs": {
+                  "model": ["1", 0], "vae": ["1", 2], "positive": ["2", 0], "judges": ["11", 0], "latent": ["4", 0],
+                  "steps": 2, "sampling_steps": 2, "scheduler": "normal", "cfg": 1.0, "lr": 0.05, "rank": 4,
+                  "alpha": 4.0, "lora_scale": 2.0, "targets": "attention+feedforward", "custom_targets": "", "seed": 3,
+                  "pixel_range": "minmax", "gradient_checkpointing": True, "precision": "auto", "grad_clip": 1.0,
+                  "noise_pool": 100, "eval_images": 1, "run_name": f"itest_reward_{uuid.uuid4().hex[:8]}",
+                  "checkpoint_every": 1, "resume": False}},
+              "21": {"class_type": "PreviewAny", "inputs": {"source": ["20", 3]}}}
+    entry = comfy_server.run(prompt, timeout=900)
+    report = entry["outputs"]["21"]["text"][0]
+    assert re.search(r"Dual-Process tuning: 2 steps", report), report
+    assert "judge score on 1 sampled images" in report
