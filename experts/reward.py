@@ -186,6 +186,20 @@ def _load_head(path: Path, what: str) -> tuple[LinearHead, dict]:
     return LinearHead.from_state_dict(load_file(str(path)), what), metadata
 
 
+def _check_processor_files(folder: Path, kind: str, text: bool) -> None:
+    """The tokenizer / image-processor files transformers needs; PickScore_v1 ships without them."""
+    missing = []
+    if text and not any((folder / n).is_file() for n in ("tokenizer.json", "vocab.json", "vocab.txt")):
+        missing.append("tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+    if kind != IMAGEREWARD and not any((folder / n).is_file() for n in ("preprocessor_config.json", "processor_config.json")):
+        missing.append("image processor (preprocessor_config.json)")
+    if missing:
+        source = ("Salesforce/blip-itm-large-coco" if kind == IMAGEREWARD else
+                  "openai/clip-vit-large-patch14" if kind == AESTHETIC else "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+        raise RewardFolderError(f"{kind} folder {str(folder)!r} has no {' and no '.join(missing)}; copy those files "
+                                f"from {source} into it (see docs/reward_judges.md)")
+
+
 def _check_hf(folder: Path, model_type: str, kind: str) -> dict:
     pickles = _pickles(folder)
     safe, _ = weight_files(folder)
@@ -198,7 +212,9 @@ def _check_hf(folder: Path, model_type: str, kind: str) -> dict:
     if got != model_type:
         raise RewardFolderError(f"{kind} folder {str(folder)!r} holds a {got!r} model, but {kind} needs a "
                                 f"{model_type!r} (transformers) model: wrong architecture for this reward")
-    return check_model_folder(folder, allowed_model_types=(model_type,), what=kind)
+    config = check_model_folder(folder, allowed_model_types=(model_type,), what=kind)
+    _check_processor_files(folder, kind, text=kind != AESTHETIC)
+    return config
 
 
 # --------------------------------------------------------------------------- the model

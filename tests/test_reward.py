@@ -239,6 +239,12 @@ def test_bad_folders_give_clear_errors(folders, tmp_path):
     save_file(reward_tiny.random_head_state_dict(24), str(mismatch / "aesthetic_head.safetensors"))
     with pytest.raises(RewardFolderError, match="24-d"):
         load_reward_model(mismatch)
+    no_processor = tmp_path / "PickScore_v1_weights_only"  # what the PickScore_v1 repository ships
+    shutil.copytree(folders[PICKSCORE], no_processor)
+    for name in ("tokenizer.json", "processor_config.json", "preprocessor_config.json"):
+        (no_processor / name).unlink(missing_ok=True)
+    with pytest.raises(RewardFolderError, match="laion/CLIP-ViT-H-14"):
+        load_reward_model(no_processor)
     bad_marker = tmp_path / "bad_marker"
     shutil.copytree(folders[PICKSCORE], bad_marker)
     (bad_marker / MARKER).write_text('{"kind": "clipscore"}')
