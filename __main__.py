@@ -4,6 +4,9 @@ Commands:
   demo   the digits demo — three composition tasks with known answers, every sampling method at equal
          model-evaluation budgets, on the embedded 8×8 digits models (CPU, a few minutes):
          PNG grids + index.md + table.md in --out, one markdown table on stdout.
+  convert-reward  turn an official reward-model checkpoint (PickScore, HPS v2.1, ImageReward, LAION aesthetic;
+         pickle .pt/.pth) into a safetensors folder for ComfyUI/models/reward, once, with --allow-pickle;
+         checks the converted folder reproduces the original's scores (docs/reward_judges.md).
 
 Other tools have their own entry points: ``python -m comfy_poe.lora``, ``python -m comfy_poe.digits.train``,
 ``python -m comfy_poe.benchmarks.gmm``, ``python -m comfy_poe.benchmarks.digits``.
@@ -49,6 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits denoiser: the UNet (quality) or the fast MLP")
     d.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's choice, at most 2)")
     d.add_argument("--quick", action="store_true", help="tiny run for smoke tests (20 samples, budget 30)")
+    c = sub.add_parser("convert-reward", help="convert an official reward checkpoint (pickle) to a safetensors folder",
+                       description="Convert an official reward-model checkpoint into a models/reward folder "
+                                   "(see docs/reward_judges.md). Pickles can run code when loaded: they are only "
+                                   "read with --allow-pickle, through torch's restricted weights-only loader.")
+    c.add_argument("kind", choices=("pickscore", "hpsv2", "imagereward", "aesthetic"), help="which reward model")
+    c.add_argument("--source", required=True,
+                   help="the official checkpoint (HPS_v2.1_compressed.pt, ImageReward.pt, sac+logos+ava1-l14-linearMSE.pth) "
+                        "or, for pickscore, the transformers folder with pytorch_model.bin")
+    c.add_argument("--out", required=True, help="new folder to write, e.g. ComfyUI/models/reward/ImageReward")
+    c.add_argument("--base", default=None,
+                   help="transformers folder giving config / tokenizer / processor: CLIP-H for hpsv2, BLIP ITM for "
+                        "imagereward, CLIP ViT-L/14 for aesthetic (its weights are copied)")
+    c.add_argument("--format", dest="fmt", choices=("transformers", "open_clip"), default="transformers",
+                   help="hpsv2 only: transformers CLIP folder (default) or open_clip weights (needs open_clip_torch)")
+    c.add_argument("--allow-pickle", action="store_true",
+                   help="allow reading the pickle checkpoint (only for files from a source you trust)")
     return ap
 
 
@@ -81,11 +100,32 @@ def run_demo_command(args) -> int:
     return 0
 
 
+def run_convert_reward_command(args) -> int:
+    import warnings
+
+    from .experts.reward import RewardFolderError, convert_reward
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = convert_reward(args.kind, args.source, args.out, base=args.base, allow_pickle=args.allow_pickle,
+                                    fmt=args.fmt)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+    except (RewardFolderError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         return run_demo_command(args)
+    if args.command == "convert-reward":
+        return run_convert_reward_command(args)
     parser.print_help()
     return 0 if argv is not None or len(sys.argv) > 1 else 1
 

@@ -292,6 +292,8 @@ def sample_poe_smc(
     prior_scaling: bool = True,
     interrupt: Optional[Callable[[], None]] = None,
     report: Optional[SMCReport] = None,
+    resample_at=None,
+    final_correction: bool = False,
 ) -> torch.Tensor:
     """Sample a product of experts with SMC; k-diffusion signature (ComfyUI KSAMPLER wraps it as is).
 
@@ -310,11 +312,18 @@ def sample_poe_smc(
     model at σ = 1) particles other than the first get fresh noise; from a partially noised latent
     (img2img) all particles start from x and diversify through the ancestral noise; prior_scaling (start from N(0, σ²/Λ), the product
     of the experts' priors); interrupt (called before every model evaluation; raise from it to stop,
-    e.g. ComfyUI's throw_exception_if_processing_interrupted); report (an :class:`SMCReport` filled in place).
+    e.g. ComfyUI's throw_exception_if_processing_interrupted); report (an :class:`SMCReport` filled in place);
+    resample_at (a schedule by step index, FK steering: level indices — 0 the first level, len(sigmas) − 1 the
+    final one — or a callable of the number of steps returning them; judges then score only at those levels and
+    the final one, and the population is resampled at each of them whatever the ESS; None keeps judge_window,
+    resample_every and the ESS rule); final_correction (weightings paper / max / sum: the final weights become
+    the final potential minus the potentials already used at the ancestors' resamplings, FK steering's
+    terminal correction, so the weights target p(x)·exp(Σ γ r(x0)); default off, as before).
     Returns (B, ...) for argmax / sample, (B·L, ...) item-major for resample / all.
     """
     _check_options(particles, mcmc_steps, mcmc, fk_correction, weighting, tempering, resampling, ess_threshold,
                    resample_every, selection, step_scale, eta, sigmas, x)
+    schedule = _resampling_schedule(resample_at, len(sigmas))
     extra_args = dict(extra_args or {})
     param = canonical_parameterization(parameterization or getattr(model, "parameterization", None) or "eps")
     flow = is_flow(param)
@@ -326,6 +335,9 @@ def sample_poe_smc(
     report.options = dict(particles=particles, eta=eta, mcmc_steps=mcmc_steps, mcmc=mcmc, step_scale=step_scale,
                           adapt_step=adapt_step, fk_correction=fk_correction, weighting=weighting, resampling=resampling,
                           ess_threshold=ess_threshold, twist=twist, selection=selection, seed=seed)
+    if schedule is not None or final_correction:
+        report.options.update(resample_at=None if schedule is None else sorted(schedule),
+                              final_correction=final_correction)
 
     B = x.shape[0]
     L = particles
@@ -347,6 +359,8 @@ def sample_poe_smc(
         return judges if level == n_levels - 1 else interim
 
     active = [judge_window[0] <= s <= judge_window[1] for s in sig_native]
+    if schedule is not None:
+        active = [i in schedule for i in range(n_levels)]
     active[-1] = True
     if tempering == "linear":
         ramp_len = sum(active)
@@ -420,6 +434,7 @@ def sample_poe_smc(
     log_w = torch.zeros(L, B, dtype=torch.float64)
     log_z = torch.zeros(B, dtype=torch.float64)
     replace_term = torch.zeros(L, B, dtype=torch.float64)  # paper / max / sum: current (non-accumulated) weight
+    used_potential = torch.zeros(L, B, dtype=torch.float64)  # final_correction: Σ replace_term at ancestors' resamplings
     pot_prev = torch.zeros(N, dtype=torch.float64, device=x.device)
     running = None
     use_judges = bool(judges)
@@ -447,13 +462,17 @@ def sample_poe_smc(
                 running = pot if running is None else running + pot
                 replace_term = running.reshape(L, B).cpu()
             pot_prev = pot
+            if final and final_correction and weighting in ("paper", "max", "sum"):
+                replace_term = pot.reshape(L, B).cpu() - used_potential
         total_w = log_w + replace_term
         report.ess.append(effective_sample_size(total_w))
         report.sigmas.append(sig_native[i])
 
         # ---- resampling --------------------------------------------------------------------------
         resample_now = False
-        if not final and L > 1 and i % resample_every == 0:
+        if schedule is not None:
+            resample_now = not final and L > 1 and i in schedule
+        elif not final and L > 1 and i % resample_every == 0:
             if weighting in ("paper", "max", "sum") and use_judges and active[i]:
                 resample_now = True
             elif (report.ess[-1] < ess_threshold * L).any():
@@ -468,6 +487,7 @@ def sample_poe_smc(
             eps_hat = eps_hat[flat] if eps_hat is not None else None
             if running is not None:
                 running = running[flat]
+            used_potential = torch.gather(used_potential + replace_term, 0, anc)
             log_w = torch.zeros(L, B, dtype=torch.float64)
             replace_term = torch.zeros(L, B, dtype=torch.float64)
 
@@ -592,6 +612,18 @@ def _mcmc_sweep(evaluator, y, D, num, x0, pot, s_ve, steps, kind, step_scale, no
         # must start from the moved state. Untwisted ULA keeps the stale value, which telescopes.
         pot = tilt(x0, y)
     return y, D, num, x0, pot, accepted / steps
+
+
+def _resampling_schedule(resample_at, n_levels: int) -> Optional[set]:
+    """Level indices of a ``resample_at`` option (a sequence, or a callable of the number of steps)."""
+    if resample_at is None:
+        return None
+    levels = resample_at(n_levels - 1) if callable(resample_at) else resample_at
+    levels = [int(i) for i in levels]
+    bad = [i for i in levels if not 0 <= i < n_levels]
+    if bad:
+        raise ValueError(f"resample_at: levels {bad} lie outside 0..{n_levels - 1} (the schedule has {n_levels - 1} steps)")
+    return set(levels)
 
 
 def _check_options(particles, mcmc_steps, mcmc, fk_correction, weighting, tempering, resampling, ess_threshold,

@@ -5,9 +5,10 @@ pytestmark = pytest.mark.integration
 
 # Combo inputs naming a user-supplied model folder that no test server has (the SELMA chain needs an
 # instruction LLM in models/LLM; nothing may be downloaded): such workflows are skipped, naming the folder.
-# (The SELMA chain runs end to end on a programmed tiny LLM in test_selma_comfy.py.) The LoRA merge template
-# names the user's LoRA files; merging real files in ComfyUI is covered by test_lora_comfy.py.
-USER_MODEL_INPUTS = {"PoESelmaSkillPrompts": "llm_name", "PoELoraStack": "lora_name"}
+# (The SELMA chain runs end to end on a programmed tiny LLM in test_selma_comfy.py; the reward-model
+# workflow on tiny converted reward models in test_reward_comfy.py.) The LoRA merge template names the
+# user's LoRA files; merging real files in ComfyUI is covered by test_lora_comfy.py.
+USER_MODEL_INPUTS = {"PoESelmaSkillPrompts": "llm_name", "PoELoraStack": "lora_name", "PoERewardJudge": "model_name"}
 
 
 def missing_user_models(comfy_server, prompt: dict) -> list[str]:
