@@ -30,6 +30,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def multiple_of_8(text: str) -> int:
+    """An image side in pixels: a positive multiple of 8 (the VAE's latent stride)."""
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (pixels per latent cell), got {text}; "
+                                         f"use {max(8, value // 8 * 8)} or {value // 8 * 8 + 8}")
+    return value
+
+
 def nonnegative_int(text: str) -> int:
     value = _number(text, int, "a whole number >= 0")
     if value < 0:
@@ -84,23 +93,28 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def int_list(text: str, item: Callable[[str], int] = positive_int) -> list[int]:
-    """Comma-separated whole numbers, each checked by ``item``: '480,960'."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}")
-    return [item(p) for p in parts]
+def int_list(item: Callable[[str], int] = positive_int) -> Callable[[str], list[int]]:
+    """Comma-separated whole numbers, each checked by ``item``: type=int_list(seed) reads '0,1,2'."""
+
+    def parse(text: str) -> list[int]:
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers, got {text!r}")
+        return [item(p) for p in parts]
+
+    return parse
 
 
 def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    """Comma-separated names out of ``choices``."""
+    """Comma-separated names out of ``choices`` (case-insensitive)."""
+    by_lower = {c.lower(): c for c in choices}
 
     def parse(text: str) -> list[str]:
-        names = [p.strip() for p in text.split(",") if p.strip()]
-        bad = [n for n in names if n not in choices]
+        names = [p.strip() for p in str(text).split(",") if p.strip()]
+        bad = [n for n in names if n.lower() not in by_lower]
         if bad or not names:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(choices)}")
-        return names
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (comma-separated), got {text!r}")
+        return [by_lower[n.lower()] for n in names]
 
     return parse
 

@@ -567,7 +567,8 @@ def check_demo_args(out_dir, samples: int, budget: int, population: int, tasks, 
         raise ValueError(f"--attribute-weight must be a finite number > 0, got {attribute_weight!r}")
     if true_share is not None and not 0.0 < true_share < 1.0:
         raise ValueError(f"true_share must lie in (0, 1), got {true_share!r}")
-    check_output_dir(out_dir, "--out")
+    if out_dir is not None:
+        check_output_dir(out_dir, "--out")
 
 
 def total_evals(tasks, methods, samples: int, budget: int, population: int, reference_steps: int = 30) -> int:

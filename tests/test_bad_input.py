@@ -209,3 +209,39 @@ def test_help_names_the_program_as_invoked_and_has_no_rst():
         assert text.startswith("usage: comfy-poe ") and "``" not in text
         assert _help(str(script), "demo", "--help").startswith("usage: comfy-poe demo")
     assert "``" not in _help(sys.executable, "-m", "comfy_poe.lora", "--help")
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("benchmarks.digits", ["--samples", "15"], "multiple of the FK-SMC population size"),
+    ("benchmarks.digits", ["--threads", "0"], "--threads: must be a whole number >= 1"),
+    ("benchmarks.digits", ["--attribute-weight", "nan"], "finite number > 0"),
+    ("benchmarks.gmm", ["--budgets", "60", "-5"], "--budgets: must be a whole number >= 1"),
+    ("benchmarks.dual_process_digits", ["--classes", "3", "12"], "from 0 to 9"),
+    ("benchmarks.selma_digits", ["--sigma-range", "20", "0.05"], "LOW < HIGH"),
+    ("benchmarks.selma_digits", ["--lr", "-1"], "--lr: must be a finite number > 0"),
+    ("benchmarks.alignment", ["--seeds", "0,-1"], "--seeds: must be a whole number from 0"),
+    ("benchmarks.alignment", ["--methods", "ddpo,ppo"], "choose from dag-kl, dag-db, ddpo"),
+    ("benchmarks.alignment", ["--fraction", "2"], "--fraction: must be a number in (0, 1]"),
+    ("benchmarks.alignment", ["--json", "{file}/rows.json"], "is a file, not a folder"),
+    ("benchmarks.alignment", ["--targets", "time_emb_proj$("], "not a valid regular expression"),
+    ("benchmarks.alignment", ["--checkpoints", "100"], "positive multiples of --batch"),
+    ("digits.train", ["--out", "{file}"], "is an existing file"),
+])
+def test_benchmark_and_training_clis_refuse_bad_values_before_work(tmp_path, capsys, module, args, message):
+    import importlib
+
+    (tmp_path / "file").write_text("x")
+    main = importlib.import_module(f"comfy_poe.{module}").main
+    with pytest.raises(SystemExit) as exc:
+        main([a.format(file=tmp_path / "file") for a in args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and f"python -m comfy_poe.{module}" in err, err
+
+
+def test_comfy_overhead_options_checked_before_a_server_starts(tmp_path):
+    (tmp_path / "file").write_text("x")
+    script = ROOT / "benchmarks" / "comfy_overhead.py"
+    for args, message in ((["--width", "60"], "multiple of 8"),
+                          (["--output", str(tmp_path / "file" / "t.md")], "is a file, not a folder")):
+        done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
