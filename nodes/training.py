@@ -78,6 +78,18 @@ def run_folder(run_name: str):
         raise ValueError(f"run_name: {e}") from None
 
 
+def run_name_error(run_name) -> str | None:
+    """validate_inputs helper: the message for a run_name that :func:`run_folder` refuses (None: fine,
+    empty or linked)."""
+    if run_name is None or not str(run_name).strip():
+        return None
+    try:
+        run_folder(run_name)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def prepare_trainable_patcher(model, network) -> "comfy.model_patcher.ModelPatcher":
     """A clone of ``model`` whose targeted layers carry the LoRA as weight wrappers and whose other
     weights are cloned on use (inference tensors cannot be saved for backward)."""
@@ -220,7 +232,9 @@ class PoEDualProcessTune(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, targets, scheduler, pixel_range, precision):
+    def validate_inputs(cls, targets, scheduler, pixel_range, precision, run_name=None):
+        if (error := run_name_error(run_name)):
+            return error
         if targets is not None and targets not in TARGET_OPTIONS:
             return f"targets must be one of {TARGET_OPTIONS}, got {targets!r}"
         if scheduler is not None and scheduler not in comfy.samplers.SCHEDULER_NAMES:

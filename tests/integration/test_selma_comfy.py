@@ -101,14 +101,22 @@ def test_prompts_then_dataset_then_resume(comfy_server, tiny_checkpoint_name, ti
 
 
 def test_bad_dataset_name_is_refused(comfy_server, tiny_checkpoint_name, tiny_llm):
+    """Names that would leave output/selma are refused when the prompt is validated, before any node runs."""
     prompt = workflow(tiny_checkpoint_name, tiny_llm.name, "../escape", 1)
+    prompt["2"]["inputs"]["save_name"] = "prompts_ok"
     prompt_id, resp = comfy_server.submit(prompt)
-    assert prompt_id is not None
-    entry = comfy_server.wait(prompt_id)
-    messages = json.dumps(entry["status"].get("messages", []))
-    assert entry["status"]["status_str"] == "error", messages
-    assert "PoESelmaSkillDataset" in messages and "dataset_name" in messages and "'..'" in messages, messages
+    errors = json.dumps(resp.get("node_errors", {}))
+    assert prompt_id is None and "PoESelmaSkillDataset" in errors and "dataset_name" in errors and "'..'" in errors, resp
     assert not (comfy_server.output_dir / "escape").exists()
+    prompt = workflow(tiny_checkpoint_name, tiny_llm.name, "ok_dataset", 1)
+    prompt["2"]["inputs"]["save_name"] = "/tmp/abs_prompts"
+    prompt_id, resp = comfy_server.submit(prompt)
+    errors = json.dumps(resp.get("node_errors", {}))
+    assert prompt_id is None and "PoESelmaSkillPrompts" in errors and "save_name" in errors, resp
+    prompt = workflow(tiny_checkpoint_name, tiny_llm.name, "ok_dataset", 1)
+    prompt["2"]["inputs"].update(skill="custom", description="")
+    prompt_id, resp = comfy_server.submit(prompt)
+    assert prompt_id is None and "skill" in json.dumps(resp.get("node_errors", {})), resp
 
 
 def test_skill_lora_trainer_trains_and_the_lora_is_saved(comfy_server, tiny_checkpoint_name):
