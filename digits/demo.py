@@ -507,6 +507,17 @@ def save_labelled_grid(task_key: str, method: str, shown: torch.Tensor, score: S
     return save_image(image, path)
 
 
+SUMMARY_NOTES = {
+    "class": ["On target: the class a separately trained evaluator (never the reward) gives the sample is the "
+              "class asked for.",
+              "FD: Frechet distance of the evaluator's features to real test digits of the target classes; "
+              "lower is closer to real digits (the reference row is the conditional model itself)."],
+    "regions": ["On target: the left 8x8 window shows digit a and the right one digit b (they share 4 columns).",
+                "The reference samples each window on its own, without the overlap: what a perfect composition "
+                "would give."],
+}
+
+
 def summary_rows(results: dict, tasks, methods) -> list[dict]:
     """Rows of the summary figure: per task, on target, FD and (task 1) 6-share error and class TV."""
     rows = []
@@ -521,7 +532,7 @@ def summary_rows(results: dict, tasks, methods) -> list[dict]:
             share_err = {m: (abs(sc.share_six - exact) if exact is not None and sc.share_six is not None
                              and not math.isnan(sc.share_six) else None) for m, (sc, _) in got.items()}
             metrics += [("6-share error", "lower", share_err), ("class TV", "lower", {m: sc.class_tv for m, (sc, _) in got.items()})]
-        rows.append({"title": FIGURE_TITLES[task_key], "metrics": metrics,
+        rows.append({"title": FIGURE_TITLES[task_key], "metrics": metrics, "notes": SUMMARY_NOTES.get(task_key, []),
                      "percent": {"in {6, 8}": True, "on target": True}})
     return rows
 
@@ -553,8 +564,9 @@ def check_demo_args(out_dir, samples: int, budget: int, population: int, tasks, 
                          f"so the equal budget must be >= {MIN_BUDGET} model evaluations per sample")
     if any(m.startswith("FK-SMC") for m in methods) and samples % population:
         lower = samples - samples % population
+        use = f"{lower} or {lower + population}" if lower else f"{population} (or a multiple)"
         raise ValueError(f"--samples ({samples}) must be a multiple of the FK-SMC population size ({population}): "
-                         f"use --samples {lower or population} or {lower + population}, or change --population")
+                         f"use --samples {use}, or change --population")
     if bad := [t for t in tasks if t not in TASKS]:
         raise ValueError(f"unknown task {', '.join(map(str, bad))}; choose from {', '.join(TASKS)}")
     if not tasks:

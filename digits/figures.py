@@ -8,6 +8,7 @@ one bar chart per metric with a bar per method.
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Optional, Sequence
 
 import torch
@@ -94,7 +95,8 @@ def _bar_colour(method: str):
 
 def summary_figure(rows: Sequence[dict], methods: Sequence[str], note: str = ""):
     """One PIL image: per task (``rows``: dicts with ``title`` and ``metrics`` = [(name, better, {method:
-    value})]) a row of bar charts, one bar per method; better is "higher" or "lower"."""
+    value})], optional ``notes``: text for the row's empty panels) a row of bar charts, one bar per method;
+    better is "higher" or "lower"."""
     from PIL import Image, ImageDraw
 
     pad, bar_h, gap = 8, 14, 4
@@ -135,6 +137,13 @@ def summary_figure(rows: Sequence[dict], methods: Sequence[str], note: str = "")
                 draw.rectangle((x0, y + 1, x0 + length, y + bar_h - 1), fill=_bar_colour(method))
                 text = f"{value:.0%}" if row.get("percent", {}).get(name) else f"{value:.2f}" if top < 10 else f"{value:.1f}"
                 draw.text((x0 + length + 3, y), text, fill=INK, font=small_font)
+        free = n_panels - len(row["metrics"])
+        if free and row.get("notes"):  # explanations in the row's empty panels
+            x0 = pad + name_w + len(row["metrics"]) * (panel_w + pad) + pad
+            width_chars = max(20, (free * (panel_w + pad) - 2 * pad) // 6)
+            lines = [line for text in row["notes"] for line in textwrap.wrap(text, width_chars)]
+            for k, line in enumerate(lines[: (panel_h + 20) // 15]):
+                draw.text((x0, y0 + 22 + k * 15), line, fill=MUTED, font=small_font)
     if note:
         draw.text((pad, height - pad - 16), note, fill=MUTED, font=small_font)
     return image

@@ -134,7 +134,7 @@ class LoraMerge(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, save_name, block_weights=None):
+    def validate_inputs(cls, save_name=None, block_weights=None):
         # both are widgets (known before the prompt runs) unless linked: then None, checked in execute
         try:
             if save_name is not None:

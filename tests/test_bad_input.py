@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from comfy_poe import cli, fileio
 from comfy_poe.lora.__main__ import main as lora_main
 from comfy_poe.lora.__main__ import parse_input_spec
-from comfy_poe.lora.io import LoraFileError, load_lora_file
+from comfy_poe.lora.io import LoraFileError
 from comfy_poe.lora.merge import LoraInput, MergeError, merge_loras
 
 PREFIX = "lora_unet_double_blocks_0_img_attn_qkv"
