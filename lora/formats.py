@@ -329,14 +329,17 @@ def nonfinite_count(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum())
 
 
-def check_finite(label: str, key: str, tensor: torch.Tensor) -> None:
+DAMAGED_FILE_HINT = ("the file is damaged (re-download or re-train it). To merge it anyway allow non-finite "
+                     "values explicitly (CLI --allow-nonfinite)")
+
+
+def check_finite(label: str, key: str, tensor: torch.Tensor, hint: str = DAMAGED_FILE_HINT) -> None:
     """ValueError naming the file and tensor if ``tensor`` holds NaN or inf (one NaN factor entry turns the
     whole merged module into NaN, and the image into black or noise)."""
     bad = nonfinite_count(tensor)
     if bad:
         raise ValueError(f"{label}: tensor {key} has {bad} NaN/inf value{'s' if bad > 1 else ''} of "
-                         f"{tensor.numel()}; the file is damaged (re-download or re-train it). To merge it anyway "
-                         "allow non-finite values explicitly (CLI --allow-nonfinite)")
+                         f"{tensor.numel()}; {hint}")
 
 
 def parse_state_dict(sd: dict[str, torch.Tensor], label: str = "LoRA", allow_nonfinite: bool = False) -> ParsedLora:

@@ -119,6 +119,29 @@ def test_bad_dataset_name_is_refused(comfy_server, tiny_checkpoint_name, tiny_ll
     assert prompt_id is None and "skill" in json.dumps(resp.get("node_errors", {})), resp
 
 
+def test_bad_run_and_save_names_are_refused_before_training(comfy_server, tiny_checkpoint_name):
+    """run_name (trainer) and save_name (Save Trained LoRA) are checked when the prompt is queued, not after
+    the training has run."""
+    def prompt(run_name, save_name):
+        return {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint_name}},
+            "2": {"class_type": "PoESelmaSkillLoRATrainer", "inputs": {
+                "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset_path": "unused", "preset": "tiny",
+                "steps": 2, "lr": 1e-3, "rank": 4, "batch_size": 2, "seed": 0, "run_name": run_name,
+                "checkpoint_every": 0, "gradient_checkpointing": True, "precision": "off"}},
+            "3": {"class_type": "PoESaveTrainedLoRA", "inputs": {"lora": ["2", 1], "save_name": save_name,
+                                                                 "overwrite": False}},
+        }
+
+    prompt_id, resp = comfy_server.submit(prompt("../outside", "ok/name"))
+    errors = json.dumps(resp.get("node_errors", {}))
+    assert prompt_id is None and "run_name" in errors and "'..'" in errors, resp
+    prompt_id, resp = comfy_server.submit(prompt("", "../../evil"))
+    errors = json.dumps(resp.get("node_errors", {}))
+    assert prompt_id is None and "PoESaveTrainedLoRA" in errors and "save_name" in errors, resp
+    assert not (comfy_server.comfy_dir / "models" / "evil.safetensors").exists()
+
+
 def test_skill_lora_trainer_trains_and_the_lora_is_saved(comfy_server, tiny_checkpoint_name):
     import torch
 
