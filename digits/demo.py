@@ -518,7 +518,7 @@ SUMMARY_NOTES = {
 }
 
 
-def summary_rows(results: dict, tasks, methods) -> list[dict]:
+def summary_rows(results: dict, tasks, methods, true_share: Optional[float] = None) -> list[dict]:
     """Rows of the summary figure: per task, on target, FD and (task 1) 6-share error and class TV."""
     rows = []
     for task_key in tasks:
@@ -528,7 +528,7 @@ def summary_rows(results: dict, tasks, methods) -> list[dict]:
         metrics = [("in {6, 8}" if task_key == "attributes" else "on target", "higher", on),
                    ("FD vs real digits", "lower", fd)]
         if task_key == "attributes":
-            exact = results.get("true_share")
+            exact = true_share
             share_err = {m: (abs(sc.share_six - exact) if exact is not None and sc.share_six is not None
                              and not math.isnan(sc.share_six) else None) for m, (sc, _) in got.items()}
             metrics += [("6-share error", "lower", share_err), ("class TV", "lower", {m: sc.class_tv for m, (sc, _) in got.items()})]
@@ -673,7 +673,6 @@ def run_demo(out_dir="demo_out", samples: int = 200, budget: int = 30, seed: int
         results, rows, sections = {}, [], []
         if "attributes" in tasks and true_share is None:
             true_share = true_share_of_six()
-        results["true_share"] = true_share
         all_methods = list(methods) + ["reference"]
         for task_key in tasks:
             t_no = TASKS.index(task_key) + 1
@@ -712,7 +711,7 @@ def run_demo(out_dir="demo_out", samples: int = 200, budget: int = 30, seed: int
                      "the evaluator's class histogram and the exact class distribution (wrong classes + imbalance). "
                      "FK-SMC returns whole populations of related particles: its share varies more between seeds.")
     table = "\n".join([TABLE_HEADER] + rows)
-    summary = figures.summary_figure(summary_rows(results, tasks, all_methods), all_methods,
+    summary = figures.summary_figure(summary_rows(results, tasks, all_methods, true_share), all_methods,
                                      note=f"{samples} samples per method, {budget} model evaluations per sample, "
                                           f"seed {seed}, model {model}")
     save_image(summary, out / "summary.png")

@@ -167,3 +167,16 @@ def test_figures_are_labelled_images():
                                           ("FD", "lower", {"naive": 3.0, "reference": float("nan")})]}]
     summary = figures.summary_figure(rows, ["naive", "reference"])
     assert summary.mode == "RGB" and summary.size[0] > 400
+
+
+def test_summary_rows_per_task():
+    res = demo.RunResult(torch.zeros(1, 1, 8, 8), 60, 1, 60, 1.0)
+    results = {("attributes", "naive"): (demo.Scores(0.87, 0.63, 29.1, 0.17), res),
+               ("attributes", "FK-SMC MALA"): (demo.Scores(1.0, float("nan"), 18.2, 0.0), res),
+               ("class", "naive"): (demo.Scores(0.89, None, 16.1), res)}
+    rows = demo.summary_rows(results, ("attributes", "class"), ["naive", "FK-SMC MALA"], true_share=0.51)
+    names = [[m[0] for m in row["metrics"]] for row in rows]
+    assert names == [["in {6, 8}", "FD vs real digits", "6-share error", "class TV"], ["on target", "FD vs real digits"]]
+    share_error = rows[0]["metrics"][2][2]
+    assert share_error["naive"] == pytest.approx(0.12) and share_error["FK-SMC MALA"] is None
+    assert rows[1]["notes"] and rows[1]["metrics"][0][2] == {"naive": 0.89}
