@@ -100,23 +100,32 @@ def test_prompts_then_dataset_then_resume(comfy_server, tiny_checkpoint_name, ti
     assert len({r["seed"] for r in records}) == 4
 
 
+def node_errors(comfy_server, prompt) -> str:
+    """The validation errors of a prompt (JSON text). ComfyUI still queues the outputs that validated (here
+    the SELMA nodes that are output nodes themselves); wait for those so that nothing runs on afterwards."""
+    prompt_id, resp = comfy_server.submit(prompt)
+    if prompt_id is not None:
+        comfy_server.wait(prompt_id, timeout=600)
+    return json.dumps(resp.get("node_errors", {}))
+
+
 def test_bad_dataset_name_is_refused(comfy_server, tiny_checkpoint_name, tiny_llm):
     """Names that would leave output/selma are refused when the prompt is validated, before any node runs."""
     prompt = workflow(tiny_checkpoint_name, tiny_llm.name, "../escape", 1)
     prompt["2"]["inputs"]["save_name"] = "prompts_ok"
-    prompt_id, resp = comfy_server.submit(prompt)
-    errors = json.dumps(resp.get("node_errors", {}))
-    assert prompt_id is None and "PoESelmaSkillDataset" in errors and "dataset_name" in errors and "'..'" in errors, resp
+    errors = node_errors(comfy_server, prompt)
+    assert "PoESelmaSkillDataset" in errors and "dataset_name" in errors and "'..'" in errors, errors
     assert not (comfy_server.output_dir / "escape").exists()
     prompt = workflow(tiny_checkpoint_name, tiny_llm.name, "ok_dataset", 1)
     prompt["2"]["inputs"]["save_name"] = "/tmp/abs_prompts"
-    prompt_id, resp = comfy_server.submit(prompt)
+    prompt_id, resp = comfy_server.submit(prompt)  # nothing valid is left to queue
     errors = json.dumps(resp.get("node_errors", {}))
     assert prompt_id is None and "PoESelmaSkillPrompts" in errors and "save_name" in errors, resp
     prompt = workflow(tiny_checkpoint_name, tiny_llm.name, "ok_dataset", 1)
     prompt["2"]["inputs"].update(skill="custom", description="")
     prompt_id, resp = comfy_server.submit(prompt)
     assert prompt_id is None and "skill" in json.dumps(resp.get("node_errors", {})), resp
+    assert not (comfy_server.output_dir / "selma" / "ok_dataset").exists()
 
 
 def test_bad_run_and_save_names_are_refused_before_training(comfy_server, tiny_checkpoint_name):
@@ -133,12 +142,11 @@ def test_bad_run_and_save_names_are_refused_before_training(comfy_server, tiny_c
                                                                  "overwrite": False}},
         }
 
-    prompt_id, resp = comfy_server.submit(prompt("../outside", "ok/name"))
-    errors = json.dumps(resp.get("node_errors", {}))
-    assert prompt_id is None and "run_name" in errors and "'..'" in errors, resp
-    prompt_id, resp = comfy_server.submit(prompt("", "../../evil"))
-    errors = json.dumps(resp.get("node_errors", {}))
-    assert prompt_id is None and "PoESaveTrainedLoRA" in errors and "save_name" in errors, resp
+    errors = node_errors(comfy_server, prompt("../outside", "ok/name"))
+    assert "run_name" in errors and "'..'" in errors, errors
+    # the trainer itself is valid (and an output node, so ComfyUI still runs it: it fails on the missing dataset)
+    errors = node_errors(comfy_server, prompt("", "../../evil"))
+    assert "PoESaveTrainedLoRA" in errors and "save_name" in errors, errors
     assert not (comfy_server.comfy_dir / "models" / "evil.safetensors").exists()
 
 
