@@ -645,7 +645,7 @@ def index_markdown(tasks, sections: list[str], table: str, notes: list[str], tru
         else:
             guide.append(f"- **{TASK_TITLES[task_key]}**: each cell is an 8×12 canvas whose left window (columns 0–7) "
                          "should show digit a and right window (columns 4–11) digit b, sharing the middle 4 columns; "
-                         "label *ab/left right* (target pair / judged classes); correct = both windows right.")
+                         "label *ab/left,right* (target pair / judged classes of the two windows); correct = both windows right.")
     return "\n".join(guide + ["", "## Table", "", table, "", *notes, "", *sections]) + "\n"
 
 
