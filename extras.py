@@ -15,7 +15,7 @@ PACK_DIR = Path(__file__).resolve().parent
 
 # extra -> {import name: pip name}; keep in sync with [project.optional-dependencies] in pyproject.toml
 EXTRAS = {
-    "digits": {"diffusers": "diffusers", "sklearn": "scikit-learn"},
+    "digits": {"diffusers": "diffusers", "sklearn": "scikit-learn", "tqdm": "tqdm"},
 }
 
 

@@ -2,7 +2,7 @@
 and DDPO (with diversity), and MaPO vs Diffusion-DPO vs SFT against a random-label control (win rate by the
 held-out judge, margins, held memory, peak RSS, time per step).
 
-    python -m comfy_poe.benchmarks.alignment --threads 1        # the tables of docs/alignment.md (~20 min on 1 thread)
+    python -m comfy_poe.benchmarks.alignment --threads 1        # the README tables (~20 min on 1 thread)
     python -m comfy_poe.benchmarks.alignment --part rollouts --seeds 0 --checkpoints 480,960
 
 Task (digits_benchmark.md): the UNCONDITIONAL digits UNet, reward = the guidance classifier's p(y ∈ {6, 8} | x)
@@ -17,7 +17,7 @@ with time_emb_proj).
 Rollouts (DAG-KL, DAG-DB, DDPO; ``RewardRolloutTrainer``): DDPM 10 steps, 8 chains per step, timestep_fraction
 0.3, lr 1e-3, β_max 100 annealed over the first half of the run; one run per (method, seed), evaluated at
 several trajectory counts (a learning curve, so the early checkpoints see β still rising).
-Gradient clipping is OFF by default (``--grad-clip 0``), the setting of the table in docs/alignment.md. It was measured when
+Gradient clipping is OFF by default (``--grad-clip 0``), the setting of the README table. It was measured when
 the training loop clipped ONE global norm over LoRA + flow network: the flow network's gradient (norm 10²–10³
 once β is large) then scaled the LoRA's gradient down ~1000× and the LoRA stopped learning (seed 0, 1920
 trajectories: DAG-KL +0.02 with the clip at 1 vs +0.75 without). The loop now clips each group on its own norm
@@ -63,8 +63,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import digits
-from ..fileio import atomic_write_text
+from ..cli import choice_list, fraction, int_list, nonnegative_float, plain_help, positive_float, positive_int, seed as seed_arg
+from ..fileio import atomic_write_text, check_output_file
 from ..training import LoopConfig, LoRAConfig, create_lora
+from ..training.lora import target_pattern
 from ..training.alignment import (
     PreferenceConfig, PreferenceTrainer, RewardRolloutTrainer, RolloutConfig, frozen_copy, live_tensor_bytes,
 )
@@ -452,61 +454,42 @@ LEGEND = ("x ± y (SE z): mean over the training seeds ± standard deviation bet
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def choice_list(allowed: tuple[str, ...]):
-    def parse(text: str) -> list[str]:
-        values = [v.strip().lower() for v in str(text).split(",") if v.strip()]
-        bad = [v for v in values if v not in allowed]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (comma-separated), got {text!r}")
-        return values
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+    p = argparse.ArgumentParser(prog="python -m comfy_poe.benchmarks.alignment",
+                                description=plain_help(" ".join(__doc__.split("\n\n")[0].split())),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--part", default="all", choices=["all", "rollouts", "preferences"])
-    p.add_argument("--seeds", type=int_list, default="0,1,2",
+    p.add_argument("--seeds", type=int_list(seed_arg), default="0,1,2",
                    help="training seeds (LoRA init, rollout noise, pair data, control coin)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--eval", type=int, default=512, help="fresh samples per evaluation")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    p.add_argument("--eval", type=positive_int, default=512, help="fresh samples per evaluation")
     p.add_argument("--json", type=Path, default=None, help="also write all rows to this JSON file")
     g = p.add_argument_group("model and LoRA (both parts)")
     g.add_argument("--model", default="unet", choices=["unet", "mlp"])
     g.add_argument("--targets", default="auto",
                    help="LoRA target layers: a preset ('attention', …) or a regex; auto = 'time_emb_proj$' for the "
                         "UNet (see the module docstring), every Linear of the MLP")
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = rank)")
+    g.add_argument("--rank", type=positive_int, default=4, help="LoRA rank (alpha = rank)")
     g = p.add_argument_group("rollouts (DAG-KL, DAG-DB, DDPO)")
     g.add_argument("--methods", type=choice_list(ROLLOUT_METHODS), default=",".join(ROLLOUT_METHODS),
                    help="comma-separated")
-    g.add_argument("--checkpoints", type=int_list, default="480,960,1920",
+    g.add_argument("--checkpoints", type=int_list(), default="480,960,1920",
                    help="trajectory counts to evaluate at (one run per method and seed, up to the largest)")
-    g.add_argument("--batch", type=int, default=8, help="chains per training step")
-    g.add_argument("--fraction", type=float, default=0.3, help="timestep_fraction")
-    g.add_argument("--sample-steps", type=int, default=10, help="DDPM steps per chain")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--beta", type=float, default=100.0, help="β_max (linear anneal over the first half)")
-    g.add_argument("--grad-clip", type=float, default=0.0,
+    g.add_argument("--batch", type=positive_int, default=8, help="chains per training step")
+    g.add_argument("--fraction", type=fraction, default=0.3, help="timestep_fraction")
+    g.add_argument("--sample-steps", type=positive_int, default=10, help="DDPM steps per chain")
+    g.add_argument("--lr", type=positive_float, default=1e-3)
+    g.add_argument("--beta", type=nonnegative_float, default=100.0, help="β_max (linear anneal over the first half)")
+    g.add_argument("--grad-clip", type=nonnegative_float, default=0.0,
                    help="gradient-norm clip, per group: LoRA and flow network separately (0 = off; see the module docstring)")
     g = p.add_argument_group("preferences (MaPO, DPO, SFT, each with a random-label control)")
     g.add_argument("--pref-methods", type=choice_list(PREFERENCE_METHODS), default=",".join(PREFERENCE_METHODS),
                    help="comma-separated")
-    g.add_argument("--pairs", type=int, default=128, help="groups of 4 base samples → pairs (and as many held out)")
-    g.add_argument("--pref-steps", type=int, default=200)
-    g.add_argument("--pref-batch", type=int, default=8, help="pairs per step")
-    g.add_argument("--pref-lr", type=float, default=1e-3)
-    g.add_argument("--beta-dpo", type=float, default=5000.0, help="Diffusion-DPO β (reference: 5000 for SD1.5)")
+    g.add_argument("--pairs", type=positive_int, default=128, help="groups of 4 base samples → pairs (and as many held out)")
+    g.add_argument("--pref-steps", type=positive_int, default=200)
+    g.add_argument("--pref-batch", type=positive_int, default=8, help="pairs per step")
+    g.add_argument("--pref-lr", type=positive_float, default=1e-3)
+    g.add_argument("--beta-dpo", type=positive_float, default=5000.0, help="Diffusion-DPO β (reference: 5000 for SD1.5)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--one-data", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--one-control", action="store_true", help=argparse.SUPPRESS)
@@ -522,16 +505,23 @@ def main(argv=None):
     from ..extras import exit_unless_installed
 
     exit_unless_installed("digits", "The alignment benchmark")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.targets == "auto":
         args.targets = AUTO_TARGETS[args.model]
+    try:  # before any training: a bad regex or --json path would otherwise fail after the runs
+        target_pattern(args.targets)
+        if args.json is not None:
+            check_output_file(args.json, "--json")
+    except ValueError as e:
+        parser.error(str(e))
     torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(run_one_preference(args, args.one, args.one_control, args.seeds[0], args.one_data)))
         return
     bad = [c for c in args.checkpoints if c % args.batch or c <= 0]
     if bad:
-        raise SystemExit(f"--checkpoints must be positive multiples of --batch ({args.batch}); got {bad}")
+        parser.error(f"--checkpoints must be positive multiples of --batch ({args.batch}); got {bad}")
     start = time.perf_counter()
     out = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     print(f"`python -m comfy_poe.benchmarks.alignment {' '.join(sys.argv[1:] if argv is None else argv)}`\n")

@@ -43,6 +43,17 @@ CONFTEST = REPO_ROOT / "tests" / "integration" / "conftest.py"
 TARGET_RATIO = 1.10
 
 
+def _pack_module(name: str):
+    """A stdlib-only module of the pack root (cli, fileio) by path: this script also runs as a plain file."""
+    spec = importlib.util.spec_from_file_location(f"comfy_poe_{name}", REPO_ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli, fileio = _pack_module("cli"), _pack_module("fileio")
+
+
 def load_harness():
     """The integration tests' ComfyServer and helpers (tests/integration/conftest.py), by path."""
     spec = importlib.util.spec_from_file_location("comfy_poe_integration_harness", CONFTEST)
@@ -254,24 +265,30 @@ def start_local(harness, a):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m comfy_poe.benchmarks.comfy_overhead",
+                                     description=cli.plain_help(__doc__.split("\n\n")[0]))
     parser.add_argument("--server", help="URL of a running ComfyUI with this pack (default: start one on CPU)")
     parser.add_argument("--ckpt", default=None, help="checkpoint name as ComfyUI lists it (default: the tiny one)")
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--particles", type=int, default=4, help="L: SMC particles = KSampler batch size")
-    parser.add_argument("--steps", type=int, default=4, help="S: noise levels")
-    parser.add_argument("--repeats", type=int, default=3, help="R: timed rounds (median)")
-    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--width", type=cli.multiple_of_8, default=64)
+    parser.add_argument("--height", type=cli.multiple_of_8, default=64)
+    parser.add_argument("--particles", type=cli.positive_int, default=4, help="L: SMC particles = KSampler batch size")
+    parser.add_argument("--steps", type=cli.positive_int, default=4, help="S: noise levels")
+    parser.add_argument("--repeats", type=cli.positive_int, default=3, help="R: timed rounds (median)")
+    parser.add_argument("--cfg", type=cli.nonnegative_float, default=5.0)
     parser.add_argument("--scheduler", default="karras")
     parser.add_argument("--prompt", default="a photo of a cat")
     parser.add_argument("--negative", default="blurry")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per prompt")
+    parser.add_argument("--timeout", type=cli.positive_float, default=900.0, help="seconds per prompt")
     parser.add_argument("--skip-mcmc", action="store_true", help="leave out the mcmc_steps 1 row")
     parser.add_argument("--output", type=Path, help="also write the markdown table to this file")
-    parser.add_argument("--server-pid", type=int, help="PID of the --server process, if it runs on this machine: "
+    parser.add_argument("--server-pid", type=cli.positive_int, help="PID of the --server process, if it runs on this machine: "
                                                       "also report its CPU time per prompt")
     a = parser.parse_args(argv)
+    if a.output is not None:
+        try:  # before the server starts: the table would be lost after minutes of measuring
+            fileio.check_output_file(a.output, "--output")
+        except ValueError as e:
+            parser.error(str(e))
 
     harness = load_harness()
     created_link = None
@@ -310,7 +327,7 @@ def main(argv=None) -> int:
             created_link.unlink()
     print(table)
     if a.output:
-        a.output.write_text(table + "\n", encoding="utf-8")
+        fileio.atomic_write_text(a.output, table + "\n")
     return 0
 
 

@@ -18,9 +18,10 @@ import time
 
 import torch
 
+from ..cli import plain_help, positive_float, positive_int
 from ..digits import load_denoiser, load_evaluator
 from ..digits.demo import (
-    ATTRIBUTE_WEIGHT, METHODS, POPULATION, TASK_TITLES, TASKS, item_labels, judge_samples, output_labels, real_features, reference_samples, run_method,
+    ATTRIBUTE_WEIGHT, METHODS, POPULATION, TASK_TITLES, TASKS, check_demo_args, item_labels, judge_samples, output_labels, real_features, reference_samples, run_method,
 )
 
 
@@ -46,22 +47,28 @@ def main(argv=None):
     from ..extras import exit_unless_installed
 
     exit_unless_installed("digits", "The digits benchmark")
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=5, help="independent seeds (0..seeds-1)")
-    ap.add_argument("--samples", type=int, default=100, help="output samples per method and seed")
-    ap.add_argument("--budget", type=int, default=60, help="product-model evaluations per output sample")
-    ap.add_argument("--population", type=int, default=POPULATION, help="FK-SMC particles per population")
-    ap.add_argument("--attribute-weight", type=float, default=ATTRIBUTE_WEIGHT, help="task 1: weight of each attribute expert")
+    ap = argparse.ArgumentParser(prog="python -m comfy_poe.benchmarks.digits", description=plain_help(__doc__),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=positive_int, default=5, help="independent seeds (0..seeds-1)")
+    ap.add_argument("--samples", type=positive_int, default=100, help="output samples per method and seed")
+    ap.add_argument("--budget", type=positive_int, default=60, help="product-model evaluations per output sample")
+    ap.add_argument("--population", type=positive_int, default=POPULATION, help="FK-SMC particles per population")
+    ap.add_argument("--attribute-weight", type=positive_float, default=ATTRIBUTE_WEIGHT, help="task 1: weight of each attribute expert")
     ap.add_argument("--fk-tempering", choices=("capped", "constant"), default="capped",
                     help="FK-SMC's judge tempering (constant: the attribute weight at every level, the ablation)")
     ap.add_argument("--model", choices=("unet", "mlp"), default="unet")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--methods", nargs="+", choices=METHODS + ("reference",), default=list(METHODS) + ["reference"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--quick", action="store_true", help="2 seeds, 40 samples, task 1 only")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.samples, args.tasks = 2, 40, ["attributes"]
+    try:  # the demo's checks (population tiling, minimum budget, ...) before any model loads
+        check_demo_args(None, args.samples, args.budget, args.population, args.tasks,
+                        [m for m in args.methods if m != "reference"], args.model, args.attribute_weight)
+    except ValueError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     denoiser = load_denoiser(model=args.model)
     evaluator = load_evaluator()

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from ..cli import int_in, nonnegative_int, plain_help, positive_float, positive_int, seed as seed_arg
 from .. import digits
 from ..training import CheckpointStore, DualProcessConfig, Generator, LoopConfig, LoRAConfig, create_lora, noise_batch, sample, tune
 
@@ -60,16 +61,17 @@ def main(argv=None):
     from ..extras import exit_unless_installed
 
     exit_unless_installed("digits", "The Dual-Process digits benchmark")
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--classes", type=int, nargs="+", default=[3, 7])
-    ap.add_argument("--steps", type=int, nargs="+", default=[0, 25, 50, 100])
-    ap.add_argument("--samples", type=int, default=200)
-    ap.add_argument("--sampling-steps", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = argparse.ArgumentParser(prog="python -m comfy_poe.benchmarks.dual_process_digits", description=plain_help(__doc__),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--classes", type=int_in(0, 9), nargs="+", default=[3, 7])
+    ap.add_argument("--steps", type=nonnegative_int, nargs="+", default=[0, 25, 50, 100])
+    ap.add_argument("--samples", type=positive_int, default=200)
+    ap.add_argument("--sampling-steps", type=positive_int, default=4)
+    ap.add_argument("--rank", type=positive_int, default=4)
+    ap.add_argument("--lr", type=positive_float, default=3e-3)
+    ap.add_argument("--batch", type=positive_int, default=4)
+    ap.add_argument("--seed", type=seed_arg, default=0)
+    ap.add_argument("--threads", type=positive_int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"digits UNet, unconditional, Euler {args.sampling_steps} steps, LoRA rank {args.rank} on attention, "

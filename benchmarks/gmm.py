@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from ..cli import plain_help, positive_int
 from ..experts import GenerativeExpert, GMMDenoiser, ProductOfExperts, gaussian_reward
 from ..experts.gmm import random_product_problem
 from ..samplers import SMCReport, normalized_log_weights, sample_poe_smc
@@ -87,9 +88,10 @@ def run_method(model, exact, judges, dim, n, opts, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--particles", type=int, default=2000, help="particles (= output samples) per method")
-    ap.add_argument("--budgets", type=int, nargs="+", default=[60, 150, 300], help="model calls per particle")
+    ap = argparse.ArgumentParser(prog="python -m comfy_poe.benchmarks.gmm", description=plain_help(__doc__),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--particles", type=positive_int, default=2000, help="particles (= output samples) per method")
+    ap.add_argument("--budgets", type=positive_int, nargs="+", default=[60, 150, 300], help="model calls per particle")
     ap.add_argument("--quick", action="store_true", help="one 2-D problem, one budget")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import int_in, plain_help, positive_float, positive_int, seed as seed_arg
 from .. import digits
 from ..experts import PIXEL, DiscriminativeExpert
 from ..lora import atomic_write_safetensors, load_lora_file
@@ -72,21 +73,25 @@ def main(argv=None):
     from ..extras import exit_unless_installed
 
     exit_unless_installed("digits", "The SELMA digits benchmark")
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--classes", type=int, nargs="+", default=[3, 7])
-    ap.add_argument("--data", type=int, default=64, help="self-generated images per skill (before filtering)")
-    ap.add_argument("--data-steps", type=int, default=12, help="Heun steps for the data")
-    ap.add_argument("--steps", type=int, default=150, help="training steps per skill")
-    ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--sigma-range", type=float, nargs=2, default=[0.05, 20.0],
+    ap = argparse.ArgumentParser(prog="python -m comfy_poe.benchmarks.selma_digits", description=plain_help(__doc__),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--classes", type=int_in(0, 9), nargs="+", default=[3, 7])
+    ap.add_argument("--data", type=positive_int, default=64, help="self-generated images per skill (before filtering)")
+    ap.add_argument("--data-steps", type=positive_int, default=12, help="Heun steps for the data")
+    ap.add_argument("--steps", type=positive_int, default=150, help="training steps per skill")
+    ap.add_argument("--rank", type=positive_int, default=4)
+    ap.add_argument("--lr", type=positive_float, default=3e-3)
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--sigma-range", type=positive_float, nargs=2, default=[0.05, 20.0],
                     help="training σ: log-uniform table over this range")
-    ap.add_argument("--samples", type=int, default=200, help="evaluation samples per condition")
-    ap.add_argument("--eval-steps", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--samples", type=positive_int, default=200, help="evaluation samples per condition")
+    ap.add_argument("--eval-steps", type=positive_int, default=10)
+    ap.add_argument("--seed", type=seed_arg, default=0)
+    ap.add_argument("--threads", type=positive_int, default=2)
     args = ap.parse_args(argv)
+    if args.sigma_range[0] >= args.sigma_range[1]:
+        ap.error(f"--sigma-range: give LOW HIGH with LOW < HIGH, got {args.sigma_range[0]:g} {args.sigma_range[1]:g}")
+    args.classes = list(dict.fromkeys(args.classes))  # one skill per class
     torch.set_num_threads(args.threads)
     den = digits.load_denoiser(with_classifier=False)
     den.network.requires_grad_(False)

@@ -49,9 +49,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import atomic_write, atomic_write_text, check_output_dir
 from ..experts import DiscriminativeExpert, GenerativeExpert, ProductOfExperts
 from ..samplers import PRESETS, SMCReport, sample_best_of_n, sample_naive_composition, sample_poe_smc
+from . import figures
 from . import classifier_log_prob, load_classifier, load_denoiser, load_evaluator, real_digits
 from .data import load_split
 from .models import SIGMA_MAX, SIGMA_MIN
@@ -302,8 +303,10 @@ class RunResult:
 
 
 def run_method(task_key: str, method: str, n: int, budget: int, seed: int, denoiser, classifier,
-               population: int = POPULATION, attribute_weight: float = ATTRIBUTE_WEIGHT, **config_kw) -> RunResult:
-    """Draw ``n`` outputs of a task with one method at ``budget`` product evaluations per output."""
+               population: int = POPULATION, attribute_weight: float = ATTRIBUTE_WEIGHT,
+               callback: Optional[Callable[[dict], None]] = None, **config_kw) -> RunResult:
+    """Draw ``n`` outputs of a task with one method at ``budget`` product evaluations per output
+    (``callback``: the sampler's per-level callback, e.g. a progress bar)."""
     cfg = method_config(method, budget, population=population, **config_kw)
     n_items = n // cfg.particles if cfg.population else n
     if cfg.population and n % cfg.particles:
@@ -318,21 +321,22 @@ def run_method(task_key: str, method: str, n: int, budget: int, seed: int, denoi
     with torch.no_grad():
         if method == "naive":
             out = sample_naive_composition(task.model, x, sigmas, judges=task.smc_judges, twist=task.twist,
-                                           seed=seed, report=report)
+                                           seed=seed, report=report, callback=callback)
         elif method == "best-of-N":
-            out = sample_best_of_n(task.model, x, sigmas, n=cfg.particles, judges=task.reward, seed=seed, report=report)
+            out = sample_best_of_n(task.model, x, sigmas, n=cfg.particles, judges=task.reward, seed=seed, report=report,
+                                   callback=callback)
         elif method == "paper sketch":
             out = sample_poe_smc(task.model, x, sigmas, particles=cfg.particles, judges=task.reward,
-                                 mcmc_steps=cfg.mcmc_steps, seed=seed, report=report, **cfg.options)
+                                 mcmc_steps=cfg.mcmc_steps, seed=seed, report=report, callback=callback, **cfg.options)
         elif method == "MCMC only":
             # one particle: "incremental" weighting only makes the MALA target include the judges (task 2)
             out = sample_poe_smc(task.model, x, sigmas, particles=1, judges=task.smc_judges, twist=task.twist,
                                  mcmc_steps=cfg.mcmc_steps, selection="all", weighting="incremental",
-                                 seed=seed, report=report, **cfg.options)
+                                 seed=seed, report=report, callback=callback, **cfg.options)
         else:
             out = sample_poe_smc(task.model, x, sigmas, particles=cfg.particles, judges=task.smc_judges,
                                  twist=task.twist, mcmc_steps=cfg.mcmc_steps, selection="resample",
-                                 seed=seed, report=report, **cfg.options)
+                                 seed=seed, report=report, callback=callback, **cfg.options)
     wall = time.perf_counter() - t0
     out = out.clamp(-1.0, 1.0)
     return RunResult(out, report.particle_evals / n, report.judge_evals / n, (denoiser.n_evals - rows0) / n,
@@ -395,6 +399,8 @@ class Scores:
     share_six: Optional[float] = None  # task 1
     fd: float = float("nan")
     class_tv: Optional[float] = None  # task 1: total variation to the exact class distribution
+    judged: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)  # evaluator class per sample
+    # (task 3: (N, 2) classes of the left and right window)
 
 
 def class_total_variation(pred: torch.Tensor, true_share: float) -> float:
@@ -414,19 +420,20 @@ def judge_samples(task_key: str, samples, labels: Optional[torch.Tensor], evalua
     if task_key == "regions":
         # the reference row comes as (canvas, left, right): its windows were sampled separately
         left, right = samples[1:] if isinstance(samples, tuple) else (samples[..., :8], samples[..., RIGHT_START:])
-        ok = (evaluator.log_probs(left).argmax(1) == labels[:, 0]) & (evaluator.log_probs(right).argmax(1) == labels[:, 1])
+        judged = torch.stack([evaluator.log_probs(left).argmax(1), evaluator.log_probs(right).argmax(1)], dim=1)
+        ok = (judged == labels).all(dim=1)
         fd = 0.5 * (frechet_distance(evaluator.features(left), real["all"])
                     + frechet_distance(evaluator.features(right), real["all"]))
-        return Scores(float(ok.double().mean()), None, fd)
+        return Scores(float(ok.double().mean()), None, fd, judged=judged)
     pred = evaluator.log_probs(samples).argmax(1)
     if task_key == "attributes":
         six, eight = int((pred == 6).sum()), int((pred == 8).sum())
         share = six / (six + eight) if six + eight else float("nan")
         fd = frechet_distance(evaluator.features(samples), real["68"])
         tv = class_total_variation(pred, true_share_of_six() if true_share is None else true_share)
-        return Scores((six + eight) / len(pred), share, fd, tv)
+        return Scores((six + eight) / len(pred), share, fd, tv, judged=pred)
     ok = pred == labels
-    return Scores(float(ok.double().mean()), None, frechet_distance(evaluator.features(samples), real["all"]))
+    return Scores(float(ok.double().mean()), None, frechet_distance(evaluator.features(samples), real["all"]), judged=pred)
 
 
 def real_features(evaluator) -> dict:
@@ -439,29 +446,95 @@ def real_features(evaluator) -> dict:
 # output: grids and the table
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def save_grid(samples: torch.Tensor, path: Path, columns: int = 16, scale: int = 4, pad: int = 1) -> Path:
-    """Write samples (N, 1, H, W) in [-1, 1] as one PNG grid (atomically: temp file + os.replace)."""
-    from PIL import Image
-
-    n, _, h, w = samples.shape
-    rows = max(1, math.ceil(n / columns))
-    cols = min(columns, n)
-    canvas = torch.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 64, dtype=torch.uint8)
-    pix = to_uint8(samples[:, 0])
-    for i in range(n):
-        r, c = divmod(i, columns)
-        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = pix[i]
-    image = Image.fromarray(canvas.numpy(), mode="L").resize((canvas.shape[1] * scale, canvas.shape[0] * scale),
-                                                             Image.NEAREST)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+def save_image(image, path: Path) -> Path:
+    """Write a PIL image as PNG atomically (temp file + os.replace)."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", optimize=True))
 
 
 def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_").replace("__", "_")
+
+
+# ASCII titles for the figures (Pillow's embedded font has no ≥ × →)
+FIGURE_TITLES = {
+    "attributes": "Task 1: unconditional x p(even)^g x p(>=5)^g -> digits 6 and 8",
+    "class": "Task 2: unconditional x classifier p(c | x) -> digit c",
+    "regions": "Task 3: two overlapping 8x8 windows on an 8x12 canvas, digits (a, b)",
+}
+# What a correct cell looks like, per task (index.md and the figures' last title line)
+CELL_GUIDE = {
+    "attributes": "label = judged class; correct = a 6 or an 8 (green), about half of them 6s; cells sorted by judged class",
+    "class": "label = target/judged class, green when they agree; cells sorted by target (defaults: row r = digit r)",
+    "regions": "label = target ab/judged left,right; correct = left window shows a AND right window shows b",
+}
+
+
+def grid_cells(task_key: str, score: Scores, labels: Optional[torch.Tensor], limit: int = 100):
+    """(order, labels, ok) of a grid: which samples in which cell, the label under each, on target or not.
+    Same rule for every method: tasks 2, 3 sorted by target, task 1 by judged class (6, 8, then the rest)."""
+    judged = score.judged
+    if task_key == "attributes":
+        rank = {6: 0, 8: 1}
+        key = [rank.get(int(c), 2 + int(c)) for c in judged]
+        order = figures.display_order(key, limit)
+        return order, [str(int(judged[i])) for i in order], [int(judged[i]) in PRODUCT_SET for i in order]
+    if task_key == "class":
+        order = figures.display_order(labels.tolist(), limit)
+        return (order, [f"{int(labels[i])}/{int(judged[i])}" for i in order],
+                [bool(labels[i] == judged[i]) for i in order])
+    order = figures.display_order((labels[:, 0] * 10 + labels[:, 1]).tolist(), limit)
+    return (order, [f"{int(labels[i, 0])}{int(labels[i, 1])}/{int(judged[i, 0])},{int(judged[i, 1])}" for i in order],
+            [bool((labels[i] == judged[i]).all()) for i in order])
+
+
+def metric_line(task_key: str, score: Scores, res: RunResult, true_share: Optional[float]) -> str:
+    """The key numbers of one run, in words (grid titles)."""
+    if task_key == "attributes":
+        share = "-" if score.share_six is None or math.isnan(score.share_six) else f"{score.share_six:.2f}"
+        exact = "" if true_share is None else f" (exact {true_share:.2f})"
+        head = f"in {{6, 8}}: {score.on_target:.0%}   6-share {share}{exact}   class TV {score.class_tv:.2f}"
+    else:
+        head = f"on target: {score.on_target:.0%}"
+    return f"{head}   FD {score.fd:.1f}   {res.evals_per_output:.0f} model evals/sample"
+
+
+def save_labelled_grid(task_key: str, method: str, shown: torch.Tensor, score: Scores, res: RunResult,
+                       labels: Optional[torch.Tensor], true_share: Optional[float], path: Path) -> Path:
+    order, cell_labels, ok = grid_cells(task_key, score, labels)
+    title = [f"{FIGURE_TITLES[task_key]}  |  {method}", metric_line(task_key, score, res, true_share),
+             CELL_GUIDE[task_key]]
+    image = figures.labelled_grid(shown[order], cell_labels, ok, title)
+    return save_image(image, path)
+
+
+SUMMARY_NOTES = {
+    "class": ["On target: the class a separately trained evaluator (never the reward) gives the sample is the "
+              "class asked for.",
+              "FD: Frechet distance of the evaluator's features to real test digits of the target classes; "
+              "lower is closer to real digits (the reference row is the conditional model itself)."],
+    "regions": ["On target: the left 8x8 window shows digit a and the right one digit b (they share 4 columns).",
+                "The reference samples each window on its own, without the overlap: what a perfect composition "
+                "would give."],
+}
+
+
+def summary_rows(results: dict, tasks, methods, true_share: Optional[float] = None) -> list[dict]:
+    """Rows of the summary figure: per task, on target, FD and (task 1) 6-share error and class TV."""
+    rows = []
+    for task_key in tasks:
+        got = {m: results[(task_key, m)] for m in methods if (task_key, m) in results}
+        on = {m: sc.on_target for m, (sc, _) in got.items()}
+        fd = {m: sc.fd for m, (sc, _) in got.items()}
+        metrics = [("in {6, 8}" if task_key == "attributes" else "on target", "higher", on),
+                   ("FD vs real digits", "lower", fd)]
+        if task_key == "attributes":
+            exact = true_share
+            share_err = {m: (abs(sc.share_six - exact) if exact is not None and sc.share_six is not None
+                             and not math.isnan(sc.share_six) else None) for m, (sc, _) in got.items()}
+            metrics += [("6-share error", "lower", share_err), ("class TV", "lower", {m: sc.class_tv for m, (sc, _) in got.items()})]
+        rows.append({"title": FIGURE_TITLES[task_key], "metrics": metrics, "notes": SUMMARY_NOTES.get(task_key, []),
+                     "percent": {"in {6, 8}": True, "on target": True}})
+    return rows
 
 
 TABLE_HEADER = ("| task | method | on target | 6-share (err) | class TV | FD vs real | evals/output | judge evals/output "
@@ -477,45 +550,159 @@ def table_row(task_key: str, method: str, score: Scores, res: RunResult, true_sh
             f"{res.evals_per_output:.0f} | {res.judge_evals_per_output:.0f} | {res.unet_rows_per_output:.0f} | {res.wall:.1f} |")
 
 
+MIN_BUDGET = 12  # every method needs >= 3 noise levels: best-of-4 and the paper sketch (2 particles x 2) pay 12
+
+
+def check_demo_args(out_dir, samples: int, budget: int, population: int, tasks, methods, model: str,
+                    attribute_weight: float, true_share: Optional[float] = None) -> None:
+    """Refuse, before any model loads, every option the demo cannot run (ValueError saying what to change)."""
+    for name, value in (("samples", samples), ("budget", budget), ("population", population)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name} must be a whole number >= 1, got {value!r}")
+    if budget < MIN_BUDGET:
+        raise ValueError(f"--budget {budget} is too small: every method needs at least 3 noise levels, "
+                         f"so the equal budget must be >= {MIN_BUDGET} model evaluations per sample")
+    if any(m.startswith("FK-SMC") for m in methods) and samples % population:
+        lower = samples - samples % population
+        use = f"{lower} or {lower + population}" if lower else f"{population} (or a multiple)"
+        raise ValueError(f"--samples ({samples}) must be a multiple of the FK-SMC population size ({population}): "
+                         f"use --samples {use}, or change --population")
+    if bad := [t for t in tasks if t not in TASKS]:
+        raise ValueError(f"unknown task {', '.join(map(str, bad))}; choose from {', '.join(TASKS)}")
+    if not tasks:
+        raise ValueError(f"no task given; choose from {', '.join(TASKS)}")
+    if bad := [m for m in methods if m not in METHODS]:
+        raise ValueError(f"unknown method {', '.join(map(str, bad))}; choose from {', '.join(METHODS)}")
+    if model not in ("unet", "mlp"):
+        raise ValueError(f"--model must be unet or mlp, got {model!r}")
+    if not (isinstance(attribute_weight, (int, float)) and math.isfinite(attribute_weight) and attribute_weight > 0):
+        raise ValueError(f"--attribute-weight must be a finite number > 0, got {attribute_weight!r}")
+    if true_share is not None and not 0.0 < true_share < 1.0:
+        raise ValueError(f"true_share must lie in (0, 1), got {true_share!r}")
+    if out_dir is not None:
+        check_output_dir(out_dir, "--out")
+
+
+def total_evals(tasks, methods, samples: int, budget: int, population: int, reference_steps: int = 30) -> int:
+    """Product-model evaluations per output of a whole demo run (the progress bar's total)."""
+    per_method = 0
+    for method in methods:
+        cfg = method_config(method, budget, population=population)
+        per_method += cfg.levels * (1 + cfg.mcmc_steps) * (1 if cfg.population else cfg.particles)
+    return len(tasks) * (per_method + 2 * reference_steps - 1)
+
+
+class Progress:
+    """One tqdm bar over the whole demo, in product-model evaluations per output sample (every level of every
+    method advances it by what that level costs); ``None`` bar = silent."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="eval", desc="digits demo", dynamic_ncols=True)
+
+    def stage(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+
+    def advance(self, n: float) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, text: str, log: Callable[[str], None]) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            log(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def index_markdown(tasks, sections: list[str], table: str, notes: list[str], true_share: Optional[float]) -> str:
+    """index.md: the summary figure first, what a correct cell looks like, the table, then every grid."""
+    guide = ["# comfy-poe digits demo", "", "![summary: on target, FD and task 1's share errors per method](summary.png)", "",
+             "Every method draws the same number of samples at the same budget of product-model evaluations per sample; "
+             "a separately trained evaluator (never the reward) judges each sample. Bars: on target (higher is better), "
+             "FD = Fréchet distance of evaluator features to real test digits of the target classes (lower is better), "
+             "and for task 1 the 6-share error and the class total variation (lower is better). *reference* is the "
+             "conditional model sampled directly: what a perfect composition looks like.", "",
+             "## What a correct cell looks like", "",
+             "Each grid is titled with its task, method and key numbers; the label under a cell is green when the "
+             "evaluator puts it on target and red when not. Cells are in the same order in every grid of a task.", ""]
+    for task_key in tasks:
+        if task_key == "attributes":
+            share = f"{true_share:.2f}" if true_share is not None else "the data's"
+            guide.append(f"- **{TASK_TITLES[task_key]}**: every cell should be a 6 or an 8 (label = judged class), "
+                         f"with 6s making up about {share} of them (the exact product's share); cells are sorted 6s, "
+                         "8s, then anything else, so the red tail is the off-target mass.")
+        elif task_key == "class":
+            guide.append(f"- **{TASK_TITLES[task_key]}**: label *target/judged*; at the defaults row r of every grid "
+                         "asks for digit r, so a correct grid reads 0 to 9 down its rows.")
+        else:
+            guide.append(f"- **{TASK_TITLES[task_key]}**: each cell is an 8×12 canvas whose left window (columns 0–7) "
+                         "should show digit a and right window (columns 4–11) digit b, sharing the middle 4 columns; "
+                         "label *ab/left,right* (target pair / judged classes of the two windows); correct = both windows right.")
+    return "\n".join(guide + ["", "## Table", "", table, "", *notes, "", *sections]) + "\n"
+
+
 def run_demo(out_dir="demo_out", samples: int = 200, budget: int = 30, seed: int = 0, tasks=TASKS,
              methods=METHODS, population: int = POPULATION, true_share: Optional[float] = None, model: str = "unet",
-             attribute_weight: float = ATTRIBUTE_WEIGHT, log: Callable[[str], None] = print) -> dict:
-    """Run every task × method, write PNG grids + index.md + table.md into ``out_dir``; returns the results.
+             attribute_weight: float = ATTRIBUTE_WEIGHT, log: Callable[[str], None] = print,
+             progress: bool = False) -> dict:
+    """Run every task × method, write labelled PNG grids, summary.png, index.md and table.md into ``out_dir``;
+    returns the results. Every argument is checked before any model loads (:func:`check_demo_args`).
 
     ``true_share`` (task 1's 6-share of the exact product) defaults to :func:`true_share_of_six`.
+    ``progress``: a tqdm bar over every level of every method (the log lines are written above it).
     """
+    tasks, methods = tuple(tasks), tuple(methods)
+    check_demo_args(out_dir, samples, budget, population, tasks, methods, model, attribute_weight, true_share)
     out = Path(out_dir)
     torch.manual_seed(seed)
-    denoiser = load_denoiser(model=model)
-    classifier = denoiser.classifier if denoiser.classifier is not None else load_classifier()
-    evaluator = load_evaluator()
-    real = real_features(evaluator)
-    if samples % population:
-        raise ValueError(f"--samples ({samples}) must be a multiple of the population size ({population})")
-    results, rows, index = {}, [], ["# comfy-poe digits demo", ""]
-    if "attributes" in tasks and true_share is None:
-        true_share = true_share_of_six()
-    for t_index, task_key in enumerate(tasks, 1):
+    bar = Progress(total_evals(tasks, methods, samples, budget, population), enabled=progress)
+    try:
+        bar.stage("loading the digits models")
+        denoiser = load_denoiser(model=model)
+        classifier = denoiser.classifier if denoiser.classifier is not None else load_classifier()
+        evaluator = load_evaluator()
+        real = real_features(evaluator)
+        results, rows, sections = {}, [], []
+        if "attributes" in tasks and true_share is None:
+            true_share = true_share_of_six()
         all_methods = list(methods) + ["reference"]
-        for m_index, method in enumerate(all_methods, 1):
-            log(f"[task {TASKS.index(task_key) + 1}] {method:<13} {m_index}/{len(all_methods)} ...")
-            if method == "reference":
-                res = reference_samples(task_key, samples, seed, denoiser)
-                labels = item_labels(task_key, samples, samples)
-                shown = res.samples[0] if isinstance(res.samples, tuple) else res.samples
-            else:
-                res = run_method(task_key, method, samples, budget, seed, denoiser, classifier, population=population,
-                                 attribute_weight=attribute_weight)
-                labels = output_labels(task_key, method, samples, population)
-                shown = res.samples
-            score = judge_samples(task_key, res.samples, labels, evaluator, real, true_share)
-            results[(task_key, method)] = (score, res)
-            row = table_row(task_key, method, score, res, true_share if task_key == "attributes" else None)
-            rows.append(row)
-            name = f"task{TASKS.index(task_key) + 1}_{task_key}_{slug(method)}.png"
-            save_grid(shown[:64], out / name)
-            index.append(f"## {TASK_TITLES[task_key]} — {method}\n\n![{method}]({name})\n")
-            log(f"           on target {score.on_target:.1%}, FD {score.fd:.1f}, {res.wall:.1f} s")
+        for task_key in tasks:
+            t_no = TASKS.index(task_key) + 1
+            sections.append(f"## {TASK_TITLES[task_key]}\n\n{CELL_GUIDE[task_key]}.\n")
+            for m_index, method in enumerate(all_methods, 1):
+                bar.stage(f"task {t_no} {task_key} · {method} ({m_index}/{len(all_methods)})")
+                if method == "reference":
+                    res = reference_samples(task_key, samples, seed, denoiser)
+                    bar.advance(2 * 30 - 1)
+                    labels = item_labels(task_key, samples, samples)
+                    shown = res.samples[0] if isinstance(res.samples, tuple) else res.samples
+                else:
+                    cfg = method_config(method, budget, population=population)
+                    per_level = (1 + cfg.mcmc_steps) * (1 if cfg.population else cfg.particles)
+                    res = run_method(task_key, method, samples, budget, seed, denoiser, classifier,
+                                     population=population, attribute_weight=attribute_weight,
+                                     callback=lambda _info, k=per_level: bar.advance(k))
+                    labels = output_labels(task_key, method, samples, population)
+                    shown = res.samples
+                score = judge_samples(task_key, res.samples, labels, evaluator, real, true_share)
+                results[(task_key, method)] = (score, res)
+                rows.append(table_row(task_key, method, score, res, true_share if task_key == "attributes" else None))
+                name = f"task{t_no}_{task_key}_{slug(method)}.png"
+                save_labelled_grid(task_key, method, shown, score, res, labels,
+                                   true_share if task_key == "attributes" else None, out / name)
+                sections.append(f"### {method}\n\n![{TASK_TITLES[task_key]}: {method}]({name})\n")
+                bar.write(f"[task {t_no}] {method:<13} on target {score.on_target:.1%}, FD {score.fd:.1f}, "
+                          f"{res.wall:.1f} s", log)
+    finally:
+        bar.close()
     notes = [f"Budget: {budget} product-model evaluations per output sample; {samples} samples per method; "
              f"seed {seed}; model {model}; FK-SMC population {population}; task 1 attribute weight {attribute_weight:g}."]
     if true_share is not None and "attributes" in tasks:
@@ -524,6 +711,10 @@ def run_demo(out_dir="demo_out", samples: int = 200, budget: int = 30, seed: int
                      "the evaluator's class histogram and the exact class distribution (wrong classes + imbalance). "
                      "FK-SMC returns whole populations of related particles: its share varies more between seeds.")
     table = "\n".join([TABLE_HEADER] + rows)
+    summary = figures.summary_figure(summary_rows(results, tasks, all_methods, true_share), all_methods,
+                                     note=f"{samples} samples per method, {budget} model evaluations per sample, "
+                                          f"seed {seed}, model {model}")
+    save_image(summary, out / "summary.png")
     atomic_write_text(out / "table.md", table + "\n\n" + "\n".join(notes) + "\n")
-    atomic_write_text(out / "index.md", "\n".join(index + ["## Table", "", table, "", *notes]) + "\n")
+    atomic_write_text(out / "index.md", index_markdown(tasks, sections, table, notes, true_share))
     return {"results": results, "table": table, "true_share": true_share, "notes": notes}

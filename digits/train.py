@@ -19,6 +19,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from ..cli import plain_help, positive_int
+from ..fileio import check_output_dir
 from . import store as wio
 from .data import load_split, real_digits, train_validation_split
 from .models import (
@@ -329,15 +331,20 @@ def main(argv: Optional[list] = None) -> None:
     from ..extras import exit_unless_installed
 
     exit_unless_installed("digits", "Training the digits models")
-    parser = argparse.ArgumentParser(prog="python -m comfy_poe.digits.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m comfy_poe.digits.train",
+                                     description=plain_help(__doc__.split("\n\n")[0]))
     parser.add_argument("--what", choices=["unet", "classifier", "evaluator", "mlp", "all"], default="all",
                         help="which model to train ('all' = evaluator, classifier, unet, mlp, then sample checks)")
     parser.add_argument("--out", default=None, help=f"output folder (default: {wio.WEIGHTS_DIR})")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     parser.add_argument("--no-eval", action="store_true", help="skip the sample-quality check after training a denoiser")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else wio.WEIGHTS_DIR
+    try:  # before minutes of training
+        check_output_dir(out, "--out")
+    except ValueError as e:
+        parser.error(str(e))
+    torch.set_num_threads(args.threads)
     order = ["evaluator", "classifier", "unet", "mlp"] if args.what == "all" else [args.what]
     for name in order:
         TRAINERS[name](out)

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .formats import dotted_path, parse_state_dict
+from .formats import dotted_path, nonfinite_count, parse_state_dict
 from .io import LoraFileData
 
 
 def describe_lora(data: LoraFileData, max_modules: int = 40) -> dict:
     """Structured summary (JSON-friendly) of a loaded LoRA file."""
-    parsed = parse_state_dict(data.tensors, f"LoRA file '{data.path.name}'")
+    # a damaged file is still described: its NaN/inf tensors are listed instead of refused
+    parsed = parse_state_dict(data.tensors, f"LoRA file '{data.path.name}'", allow_nonfinite=True)
+    nonfinite = {k: n for k, t in data.tensors.items() if (n := nonfinite_count(t))}
     modules = parsed.modules.values()
     dtypes = Counter(str(t.dtype).replace("torch.", "") for t in data.tensors.values())
     return {
@@ -26,6 +28,7 @@ def describe_lora(data: LoraFileData, max_modules: int = 40) -> dict:
         "dtypes": dict(dtypes),
         "parameters": sum(t.numel() for t in data.tensors.values()),
         "skipped": parsed.skipped,
+        "nonfinite": nonfinite,
         "metadata": {k: v for k, v in data.metadata.items() if len(v) <= 200},
         "module_list": [{"key": m.name.key, "path": dotted_path(m.name), "rank": m.rank,
                          "shape": list(m.weight_shape), "alpha": m.alpha}
@@ -39,6 +42,9 @@ def format_description(info: dict) -> str:
              f"formats: {info['formats']}   components: {info['components']}",
              f"ranks: {info['ranks']}   alphas: {info['alphas']}   conv (LoCon) modules: {info['conv_modules']}",
              f"dtypes: {info['dtypes']}   sha256: {info['sha256'][:16]}"]
+    if info.get("nonfinite"):
+        lines.append(f"DAMAGED: {len(info['nonfinite'])} tensors hold NaN/inf values (a merge refuses this file):")
+        lines += [f"    {k}: {n} values" for k, n in list(info["nonfinite"].items())[:30]]
     if info["skipped"]:
         lines.append(f"NOT LoRA factors ({len(info['skipped'])} keys, a merge would not include them):")
         lines += [f"    {k}: {why}" for k, why in list(info["skipped"].items())[:30]]

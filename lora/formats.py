@@ -322,9 +322,30 @@ def _fold_mid(up, down, mid, prefix):
     return folded.to(down.dtype)
 
 
-def parse_state_dict(sd: dict[str, torch.Tensor], label: str = "LoRA") -> ParsedLora:
+def nonfinite_count(tensor: torch.Tensor) -> int:
+    """Number of NaN / ±inf entries (0 for integer tensors)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+DAMAGED_FILE_HINT = ("the file is damaged (re-download or re-train it). To merge it anyway allow non-finite "
+                     "values explicitly (CLI --allow-nonfinite)")
+
+
+def check_finite(label: str, key: str, tensor: torch.Tensor, hint: str = DAMAGED_FILE_HINT) -> None:
+    """ValueError naming the file and tensor if ``tensor`` holds NaN or inf (one NaN factor entry turns the
+    whole merged module into NaN, and the image into black or noise)."""
+    bad = nonfinite_count(tensor)
+    if bad:
+        raise ValueError(f"{label}: tensor {key} has {bad} NaN/inf value{'s' if bad > 1 else ''} of "
+                         f"{tensor.numel()}; {hint}")
+
+
+def parse_state_dict(sd: dict[str, torch.Tensor], label: str = "LoRA", allow_nonfinite: bool = False) -> ParsedLora:
     """Group a LoRA state dict by module.  Raises ValueError (naming ``label`` and the key) on tensors
-    whose shapes cannot be a LoRA; unknown, unsupported and incomplete keys go to ``skipped``."""
+    whose shapes cannot be a LoRA, and on NaN/inf in a factor or alpha unless ``allow_nonfinite``;
+    unknown, unsupported and incomplete keys go to ``skipped``."""
     parsed = ParsedLora()
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, tensor in sd.items():
@@ -361,6 +382,9 @@ def parse_state_dict(sd: dict[str, torch.Tensor], label: str = "LoRA") -> Parsed
         if up.ndim != down.ndim or up.ndim < 2 or up.shape[1] != down.shape[0] or any(s != 1 for s in up.shape[2:]):
             raise ValueError(f"{label}: module {prefix} has up {tuple(up.shape)} and down {tuple(down.shape)}, "
                              "which do not form a LoRA (need up (out, r[,1,1]) and down (r, in[, kh, kw]))")
+        if not allow_nonfinite:
+            for k, tensor in slot.values():
+                check_finite(label, k, tensor)
         rank_for_alpha = down.shape[0]  # ComfyUI divides alpha by the down rank, before folding mid
         if mid is not None:
             down = _fold_mid(up, down, mid, f"{label}: module {prefix}")

@@ -41,7 +41,7 @@ import torch
 
 from . import formats
 from .formats import LoraModule, ModuleName, ParsedLora, module_state_dict, output_key, parse_state_dict
-from .io import RECIPE_KEY, atomic_write_safetensors, check_overwrite, load_lora_file
+from .io import RECIPE_KEY, LoraFileError, atomic_write_safetensors, check_overwrite, load_lora_file
 
 METHODS = ("concat", "svd", "arithmetic", "ties", "dare", "dare_ties")
 DENSE_METHODS = ("arithmetic", "ties", "dare", "dare_ties")
@@ -186,11 +186,17 @@ class LoraInput:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, weight: float = 1.0, name: str | None = None,
-                  te_weight: float | None = None) -> "LoraInput":
+                  te_weight: float | None = None, allow_nonfinite: bool = False) -> "LoraInput":
+        """Read and parse one LoRA; LoraFileError (naming the file and tensor) if its tensors cannot be a
+        LoRA or hold NaN/inf (unless ``allow_nonfinite``)."""
         data = load_lora_file(path)
         label = name or data.path.name
-        return cls(label, parse_state_dict(data.tensors, f"LoRA file '{label}'"), float(weight),
-                   data.sha256, data.metadata, None if te_weight is None else float(te_weight))
+        try:
+            parsed = parse_state_dict(data.tensors, f"LoRA file '{label}'", allow_nonfinite=allow_nonfinite)
+        except ValueError as e:
+            raise LoraFileError(str(e)) from None
+        return cls(label, parsed, float(weight), data.sha256, data.metadata,
+                   None if te_weight is None else float(te_weight))
 
     def weight_for(self, name: ModuleName) -> float:
         """Per-LoRA weight of one module: text-encoder modules use ``te_weight`` when given (the
@@ -320,6 +326,25 @@ def _group_modules(inputs: list[LoraInput], resolve: Resolver | None, notes: lis
     return groups
 
 
+def _merge_module(method: str, members, weights: list[float], target_rank: int, seed: int, density: float,
+                  names: list[ModuleName], device) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """(B, A, retained energy or None) of one module's merge."""
+    if method == "concat":
+        return (*concat_factors([m.factors(device) for _, m in members], weights), None)
+    if method == "svd":
+        return svd_from_factors(*concat_factors([m.factors(device) for _, m in members], weights), target_rank)
+    deltas = [m.delta(device) for _, m in members]
+    if method == "arithmetic":
+        combined = sum(w * d for d, w in zip(deltas, weights))
+    elif method == "ties":
+        combined = ties_merge(deltas, weights, density)
+    else:
+        gens = [module_generator(seed, names[0].identity, i) for i, _ in members]
+        combined = (dare_merge if method == "dare" else dare_ties_merge)(deltas, weights, density, gens)
+    del deltas
+    return svd_dense(combined, target_rank)
+
+
 def merge_loras(inputs: list[LoraInput], method: str = "concat", rank: int = 0, *, seed: int = 0,
                 density: float = 0.5, block_weights: str = "", resolve: Resolver | None = None,
                 key_format: str = "auto", dtype: str = "fp16", device=None,
@@ -368,27 +393,20 @@ def merge_loras(inputs: list[LoraInput], method: str = "concat", rank: int = 0, 
             continue
         input_ranks = [m.rank for _, m in members]
         target_rank = rank or sum(input_ranks)
-        energy = None
-        if method == "concat":
-            b, a = concat_factors([m.factors(device) for _, m in members], weights)
-        elif method == "svd":
-            b, a, energy = svd_from_factors(*concat_factors([m.factors(device) for _, m in members], weights),
-                                            target_rank)
-        else:
-            deltas = [m.delta(device) for _, m in members]
-            if method == "arithmetic":
-                combined = sum(w * d for d, w in zip(deltas, weights))
-            elif method == "ties":
-                combined = ties_merge(deltas, weights, density)
-            else:
-                gens = [module_generator(seed, names[0].identity, i) for i, _ in members]
-                combined = (dare_merge if method == "dare" else dare_ties_merge)(deltas, weights, density, gens)
-            del deltas
-            b, a, energy = svd_dense(combined, target_rank)
-            del combined
+        try:
+            b, a, energy = _merge_module(method, members, weights, target_rank, seed, density, names, device)
+        except torch.linalg.LinAlgError as e:
+            sources = ", ".join(inputs[i].name for i, _ in members)
+            raise MergeError(f"module {names[0].key} (from {sources}): the SVD of method {method} failed "
+                             f"({str(e).splitlines()[0]}); its factors hold NaN/inf or extreme values — fix or drop "
+                             "that LoRA, or use method concat (exact, no SVD)") from None
         k = b.shape[1]
+        finite = bool(torch.isfinite(b).all() and torch.isfinite(a).all())
         up = b.reshape(shape[0], k, *([1] * (len(shape) - 2))).to("cpu", out_dtype)
         down = a.reshape(k, *shape[1:]).to("cpu", out_dtype)
+        if finite and not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise MergeError(f"module {names[0].key}: the merged factors overflow {dtype} (weights too large?); "
+                             "use dtype fp32 or bf16, or smaller weights")
         if target:
             key = target
         else:

@@ -38,7 +38,7 @@ from ._types import PoEJudges
 from .poe import in_latent_space
 from .training import (
     PRECISIONS, TRAINING_KEY, DualProcessSampler, TrainedLoRA, curve_tensor, differentiable_decoder,
-    prepare_trainable_patcher, run_folder, trainer_outputs, window_mean,
+    prepare_trainable_patcher, run_folder, run_name_error, trainer_outputs, window_mean,
 )
 
 PoEPreferencePairs = io.Custom("POE_PREFERENCE_PAIRS")
@@ -412,8 +412,8 @@ class PoEPreferenceTrainer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, method, targets, precision):
-        return _combo_error(method_preference=method, targets=targets, precision=precision)
+    def validate_inputs(cls, method, targets, precision, run_name=None):
+        return run_name_error(run_name) or _combo_error(method_preference=method, targets=targets, precision=precision)
 
     @classmethod
     def execute(cls, model, clip, vae, pairs, method, steps, batch_size, lr, rank, alpha, targets, beta_mapo,
@@ -515,8 +515,9 @@ class PoERewardRolloutTrainer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, method, scheduler, targets, precision):
-        return _combo_error(method_rollout=method, scheduler=scheduler, targets=targets, precision=precision)
+    def validate_inputs(cls, method, scheduler, targets, precision, run_name=None):
+        return run_name_error(run_name) or _combo_error(method_rollout=method, scheduler=scheduler, targets=targets,
+                                                        precision=precision)
 
     @classmethod
     def execute(cls, model, positive, negative, judges, latent, method, steps, trajectories, rollout_steps,

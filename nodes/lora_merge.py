@@ -17,8 +17,8 @@ from comfy_api.latest import io, ui
 
 from ..lora.describe import describe_lora, format_description
 from ..lora.formats import ModuleName, comfy_lookup_spellings
-from ..lora.io import load_lora_file, resolve_save_path
-from ..lora.merge import DTYPES, METHODS, LoraInput, merge_loras, save_merge
+from ..lora.io import check_overwrite, load_lora_file, resolve_save_path
+from ..lora.merge import DTYPES, METHODS, LoraInput, merge_loras, parse_block_weights, save_merge
 
 LoraStackType = io.Custom("LORA_STACK")
 
@@ -134,16 +134,30 @@ class LoraMerge(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, save_name=None, block_weights=None):
+        # both are widgets (known before the prompt runs) unless linked: then None, checked in execute
+        try:
+            if save_name is not None:
+                resolve_save_path(folder_paths.get_folder_paths("loras")[0], save_name)
+            if block_weights is not None:
+                parse_block_weights(block_weights)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, model, lora_stack, method, rank, density, seed, save_name, dtype, overwrite,
                 clip=None, block_weights="") -> io.NodeOutput:
         entries = stack_entries(lora_stack)
         if not entries:
             raise ValueError("LoRA Merge: lora_stack is empty; connect LoRA Stack nodes")
+        root = folder_paths.get_folder_paths("loras")[0]
+        path = resolve_save_path(root, save_name)  # refuse a bad name before any work
+        check_overwrite(path, overwrite)
+        parse_block_weights(block_weights or "")
         inputs = [LoraInput.from_file(folder_paths.get_full_path_or_raise("loras", name), w, name=name,
                                       te_weight=clip_w)
                   for name, w, clip_w in entries]
-        root = folder_paths.get_folder_paths("loras")[0]
-        path = resolve_save_path(root, save_name)  # refuse a bad name before any work
         pbar = comfy.utils.ProgressBar(1)
 
         def progress(done, total):

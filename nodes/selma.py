@@ -34,7 +34,7 @@ from ..selma.rouge import DEFAULT_THRESHOLD
 from ..selma.trainer import PRESETS, encode_pairs, preset_config, train_skill_lora
 from ..training import create_lora, enable_gradient_checkpointing
 from .training import (PRECISIONS, TRAINING_KEY, TrainedLoRA, curve_tensor, parameterization_of,
-                       prepare_trainable_patcher, run_folder, trainer_outputs)
+                       prepare_trainable_patcher, run_folder, run_name_error, trainer_outputs)
 from ._types import PoEJudges
 from .vlm import ManagedModel, _load_inputs, _subdirs, auto_dtype_name, resolve_folder_in
 
@@ -148,6 +148,20 @@ class SelmaSkillPrompts(io.ComfyNode):
             ],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, save_name=None, skill=None, description=None, rules=None, examples=None):
+        # widgets are known before the prompt runs (linked inputs arrive as None and are checked in execute)
+        try:
+            if save_name is not None and save_name.strip():
+                output_path("save_name", save_name)
+            if None not in (skill, description, rules, examples):
+                resolve_skill(skill, description, rules, examples, 0)
+        except PresetError as exc:
+            return f"skill: {exc}"
+        except ValueError as exc:
+            return str(exc)
+        return True
 
     @classmethod
     def execute(cls, llm_name, skill, description, rules, examples, count, seed, max_words, rouge_threshold,
@@ -297,6 +311,15 @@ class SelmaSkillDataset(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, dataset_name=None):
+        if dataset_name is not None:
+            try:
+                output_path("dataset_name", dataset_name)
+            except ValueError as exc:
+                return str(exc)
+        return True
+
+    @classmethod
     def execute(cls, model, clip, vae, prompts, prompts_file, dataset_name, images_per_prompt, seed, steps, cfg,
                 sampler_name, scheduler, width, height, batch_size, negative, threshold, filter_images,
                 judges=None) -> io.NodeOutput:
@@ -418,7 +441,9 @@ class SelmaSkillLoRATrainer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, preset, precision):
+    def validate_inputs(cls, preset, precision, run_name=None):
+        if (error := run_name_error(run_name)):
+            return error
         if preset is not None and preset not in PRESETS:
             return f"preset must be one of {list(PRESETS)}, got {preset!r}"
         if precision is not None and precision not in PRECISIONS:

@@ -27,6 +27,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..lora.formats import check_finite
 from ..lora.io import LoraFileError, atomic_write_safetensors, check_overwrite, load_lora_file, resolve_save_path
 from ..training import (
     CheckpointStore, DualProcessConfig, Generator, LoopConfig, LoRAConfig, create_lora,
@@ -76,6 +77,18 @@ def run_folder(run_name: str):
         return resolve_save_path(runs_root(), run_name, suffix="")
     except LoraFileError as e:
         raise ValueError(f"run_name: {e}") from None
+
+
+def run_name_error(run_name) -> str | None:
+    """validate_inputs helper: the message for a run_name that :func:`run_folder` refuses (None: fine,
+    empty or linked)."""
+    if run_name is None or not str(run_name).strip():
+        return None
+    try:
+        run_folder(run_name)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def prepare_trainable_patcher(model, network) -> "comfy.model_patcher.ModelPatcher":
@@ -220,7 +233,9 @@ class PoEDualProcessTune(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, targets, scheduler, pixel_range, precision):
+    def validate_inputs(cls, targets, scheduler, pixel_range, precision, run_name=None):
+        if (error := run_name_error(run_name)):
+            return error
         if targets is not None and targets not in TARGET_OPTIONS:
             return f"targets must be one of {TARGET_OPTIONS}, got {targets!r}"
         if scheduler is not None and scheduler not in comfy.samplers.SCHEDULER_NAMES:
@@ -365,16 +380,35 @@ class PoESaveTrainedLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, lora, save_name, overwrite) -> io.NodeOutput:
+    def validate_inputs(cls, save_name=None, overwrite=None):
+        # checked when the prompt is queued, not after the training upstream has run
+        if save_name is None:
+            return True
+        try:
+            cls._target(save_name, bool(overwrite))
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @staticmethod
+    def _target(save_name: str, overwrite: bool):
         root = folder_paths.get_folder_paths("loras")[0]
         try:
             path = resolve_save_path(root, save_name)
             check_overwrite(path, overwrite, key=TRAINING_KEY, writer="trainer")
         except LoraFileError as e:
             raise ValueError(f"save_name: {e}") from None
+        return root, path
+
+    @classmethod
+    def execute(cls, lora, save_name, overwrite) -> io.NodeOutput:
+        root, path = cls._target(save_name, overwrite)
         tensors = {k: v for k, v in lora.items() if torch.is_tensor(v)}
         if not tensors:
             raise ValueError("lora: the LoRA has no tensors")
+        for key, tensor in tensors.items():  # a diverged training must not leave a NaN LoRA in models/loras
+            check_finite("lora: the trained LoRA", key, tensor,
+                         hint="the training diverged; nothing was saved — lower lr or use its last good checkpoint")
         metadata = dict(getattr(lora, "metadata", {}) or {})
         metadata.setdefault(TRAINING_KEY, json.dumps({"method": "unknown"}))
         atomic_write_safetensors(path, tensors, metadata)

@@ -191,3 +191,9 @@ def test_bad_pair_folders_are_refused(comfy_server, tiny_checkpoint_name, pair_f
     stage, text = error_text(comfy_server, {**prompt_nodes(tiny_checkpoint_name), **preference_nodes(
         f"{pair_folders.name}/good", "", "unused", method="KTO")})
     assert stage == "validation" and "method must be one of" in text, text
+    # a run_name that would leave output/comfy_poe_training: refused at validation, for both trainers
+    stage, text = error_text(comfy_server, {**prompt_nodes(tiny_checkpoint_name), **preference_nodes(
+        f"{pair_folders.name}/good", "../../escape", "unused")})
+    assert stage == "validation" and "run_name" in text and "'..'" in text, text
+    stage, text = error_text(comfy_server, {**prompt_nodes(tiny_checkpoint_name), **rollout_nodes("/abs/run", "unused")})
+    assert stage == "validation" and "run_name" in text and "absolute path" in text, text

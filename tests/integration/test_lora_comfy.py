@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.integration
 
@@ -171,10 +171,39 @@ def test_merged_lora_loads_with_core_loader_and_changes_output(comfy_server, tin
     not_loaded = [line for line in log.splitlines() if "lora key not loaded" in line or "NOT LOADED" in line]
     assert not not_loaded, "\n".join(not_loaded[:20])
 
-    # 4. a traversal save name is refused before anything is written
+    # 4. a traversal save name is refused at validation, before anything runs or is written
     nodes["m"]["inputs"]["save_name"] = "../../evil"
-    prompt_id, _ = comfy_server.submit(txt2img("lora_bad", ["m", 0], ["m", 1], nodes, ckpt=ck))
-    status = comfy_server.wait(prompt_id, timeout=600)["status"]
-    assert status["status_str"] == "error"
-    assert "leave the LoRA folder" in json.dumps(status["messages"])
+    prompt_id, resp = comfy_server.submit(txt2img("lora_bad", ["m", 0], ["m", 1], nodes, ckpt=ck))
+    assert prompt_id is None and "leave the LoRA folder" in json.dumps(resp["node_errors"]), resp
     assert not (comfy_server.comfy_dir / "models" / "evil.safetensors").exists()
+
+
+def test_bad_merge_inputs_are_clear_errors_and_write_nothing(comfy_server, tiny_checkpoint_name, lora_folder):
+    """Validation time where the input is a widget (block_weights, save_name); a NaN factor in a stacked file
+    (known only when the node runs) fails the prompt with the file and tensor named, nothing saved."""
+    ckpt_path = comfy_server.comfy_dir / "models" / "checkpoints" / tiny_checkpoint_name
+    layers = lora_layers(checkpoint_shapes(ckpt_path))
+    names = build_loras(lora_folder, layers)
+    a = load_file(str(lora_folder / "a_kohya_r8.safetensors"))
+    poisoned = next(k for k in a if k.endswith("lora_up.weight"))
+    a[poisoned][0, 0] = float("nan")
+    save_file(a, str(lora_folder / "nan.safetensors"))
+    ck = tiny_checkpoint_name
+
+    def merge_prompt(lora, **inputs):
+        nodes, last = stack((lora, 1.0))
+        nodes["m"] = {"class_type": "PoELoraMerge", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora_stack": [last, 0], "method": "concat", "rank": 0,
+            "density": 0.5, "seed": 0, "save_name": f"{lora_folder.name}/bad_out", "dtype": "fp16",
+            "overwrite": False, "block_weights": "", **inputs}}
+        return txt2img("lora_bad_input", ["m", 0], ["m", 1], nodes, ckpt=ck)
+
+    prompt_id, resp = comfy_server.submit(merge_prompt(names["a_kohya_r8"], block_weights="input_blocks=half"))
+    assert prompt_id is None and "PATTERN=WEIGHT" in json.dumps(resp["node_errors"]), resp
+    prompt_id, _ = comfy_server.submit(merge_prompt(f"{lora_folder.name}/nan.safetensors"))
+    assert prompt_id is not None
+    status = comfy_server.wait(prompt_id, timeout=600)["status"]
+    messages = json.dumps(status["messages"])
+    assert status["status_str"] == "error" and "nan.safetensors" in messages and poisoned in messages, messages
+    assert "NaN/inf" in messages
+    assert not (lora_folder / "bad_out.safetensors").exists()

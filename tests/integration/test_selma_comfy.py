@@ -100,15 +100,54 @@ def test_prompts_then_dataset_then_resume(comfy_server, tiny_checkpoint_name, ti
     assert len({r["seed"] for r in records}) == 4
 
 
-def test_bad_dataset_name_is_refused(comfy_server, tiny_checkpoint_name, tiny_llm):
-    prompt = workflow(tiny_checkpoint_name, tiny_llm.name, "../escape", 1)
+def node_errors(comfy_server, prompt) -> str:
+    """The validation errors of a prompt (JSON text). ComfyUI still queues the outputs that validated (here
+    the SELMA nodes that are output nodes themselves); wait for those so that nothing runs on afterwards."""
     prompt_id, resp = comfy_server.submit(prompt)
-    assert prompt_id is not None
-    entry = comfy_server.wait(prompt_id)
-    messages = json.dumps(entry["status"].get("messages", []))
-    assert entry["status"]["status_str"] == "error", messages
-    assert "PoESelmaSkillDataset" in messages and "dataset_name" in messages and "'..'" in messages, messages
+    if prompt_id is not None:
+        comfy_server.wait(prompt_id, timeout=600)
+    return json.dumps(resp.get("node_errors", {}))
+
+
+def test_bad_dataset_name_is_refused(comfy_server, tiny_checkpoint_name, tiny_llm):
+    """Names that would leave output/selma are refused when the prompt is validated, before any node runs."""
+    prompt = workflow(tiny_checkpoint_name, tiny_llm.name, "../escape", 1)
+    prompt["2"]["inputs"]["save_name"] = "prompts_ok"
+    errors = node_errors(comfy_server, prompt)
+    assert "PoESelmaSkillDataset" in errors and "dataset_name" in errors and "'..'" in errors, errors
     assert not (comfy_server.output_dir / "escape").exists()
+    prompt = workflow(tiny_checkpoint_name, tiny_llm.name, "ok_dataset", 1)
+    prompt["2"]["inputs"]["save_name"] = "/tmp/abs_prompts"
+    prompt_id, resp = comfy_server.submit(prompt)  # nothing valid is left to queue
+    errors = json.dumps(resp.get("node_errors", {}))
+    assert prompt_id is None and "PoESelmaSkillPrompts" in errors and "save_name" in errors, resp
+    prompt = workflow(tiny_checkpoint_name, tiny_llm.name, "ok_dataset", 1)
+    prompt["2"]["inputs"].update(skill="custom", description="")
+    prompt_id, resp = comfy_server.submit(prompt)
+    assert prompt_id is None and "skill" in json.dumps(resp.get("node_errors", {})), resp
+    assert not (comfy_server.output_dir / "selma" / "ok_dataset").exists()
+
+
+def test_bad_run_and_save_names_are_refused_before_training(comfy_server, tiny_checkpoint_name):
+    """run_name (trainer) and save_name (Save Trained LoRA) are checked when the prompt is queued, not after
+    the training has run."""
+    def prompt(run_name, save_name):
+        return {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint_name}},
+            "2": {"class_type": "PoESelmaSkillLoRATrainer", "inputs": {
+                "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset_path": "unused", "preset": "tiny",
+                "steps": 2, "lr": 1e-3, "rank": 4, "batch_size": 2, "seed": 0, "run_name": run_name,
+                "checkpoint_every": 0, "gradient_checkpointing": True, "precision": "off"}},
+            "3": {"class_type": "PoESaveTrainedLoRA", "inputs": {"lora": ["2", 1], "save_name": save_name,
+                                                                 "overwrite": False}},
+        }
+
+    errors = node_errors(comfy_server, prompt("../outside", "ok/name"))
+    assert "run_name" in errors and "'..'" in errors, errors
+    # the trainer itself is valid (and an output node, so ComfyUI still runs it: it fails on the missing dataset)
+    errors = node_errors(comfy_server, prompt("", "../../evil"))
+    assert "PoESaveTrainedLoRA" in errors and "save_name" in errors, errors
+    assert not (comfy_server.comfy_dir / "models" / "evil.safetensors").exists()
 
 
 def test_skill_lora_trainer_trains_and_the_lora_is_saved(comfy_server, tiny_checkpoint_name):

@@ -136,8 +136,12 @@ def test_dual_process_tune_saves_a_lora_loraloader_loads(comfy_server, tiny_chec
     assert f"run: {run_name}" in json.dumps(info)
     shutil.rmtree(comfy_server.output_dir / "comfy_poe_training" / run_name, ignore_errors=True)
 
-    # a traversal save name is refused
+    # a traversal save name is refused when the prompt is queued (Save Trained LoRA's validate_inputs), not after
+    # the training; ComfyUI still runs the outputs that validated (the tuner is an output node itself)
     prompt = {**prompt_nodes(ck), **tune_nodes(tiny_vlm.name, "", 1, "../../evil", 0)}
-    prompt_id, _ = comfy_server.submit(prompt)
-    status = comfy_server.wait(prompt_id, timeout=600)["status"]
-    assert status["status_str"] == "error" and "leave the LoRA folder" in json.dumps(status["messages"])
+    prompt_id, resp = comfy_server.submit(prompt)
+    errors = json.dumps(resp.get("node_errors", {}))
+    assert "PoESaveTrainedLoRA" in errors and "leave the LoRA folder" in errors, resp
+    if prompt_id is not None:
+        comfy_server.wait(prompt_id, timeout=600)
+    assert not (comfy_server.comfy_dir / "models" / "evil.safetensors").exists()
