@@ -352,6 +352,7 @@ class PreferenceTrainer:
             raise ValueError("Diffusion-DPO needs a frozen reference model (reference=frozen_copy(model, lora, root))")
         self.reference = reference if config.method == "dpo" else None
         self._cond_cache: dict[str, Any] = {}
+        self.shard = (0, 1)  # (rank, world size): data-parallel ranks train on their rows of each step's batch
 
     def cond(self, prompt: str):
         if prompt not in self._cond_cache:
@@ -375,19 +376,24 @@ class PreferenceTrainer:
         return denoising_losses(denoised, x0, noise, sigma, self.parameterization)
 
     def draw(self, step: int):
-        """Pairs, augmentation, shared noise and timestep of training step ``step`` (seeded)."""
+        """Pairs, augmentation, shared noise and timestep of training step ``step`` (seeded).
+
+        The whole step's batch is drawn on every rank (same generator), then each rank keeps its contiguous
+        block of rows (``shard``): the ranks' mean losses average to the one-process loss of the same batch."""
         cfg, n = self.config, len(self.pairs)
         g = step_generator(cfg.loop.seed, step, PAIR_STREAM)
         b = int(cfg.batch_size)
         idx = torch.randperm(n, generator=g)[:b] if n >= b else torch.randint(0, n, (b,), generator=g)
         chosen, rejected = joint_augment(self.pairs.chosen[idx], self.pairs.rejected[idx], cfg.crop, g,
                                          cfg.flip, cfg.random_crop)
+        rank, world = self.shard
+        rows = slice(rank * b // world, (rank + 1) * b // world)
         with torch.no_grad():
-            x_w, x_l = self.encode(chosen), self.encode(rejected)
-        noise = torch.randn(x_w.shape, generator=g).to(x_w)
-        t = torch.randint(0, self.train_sigmas.numel(), (b,), generator=g)
+            x_w, x_l = self.encode(chosen[rows]), self.encode(rejected[rows])
+        noise = torch.randn((b, *x_w.shape[1:]), generator=g)[rows].to(x_w)
+        t = torch.randint(0, self.train_sigmas.numel(), (b,), generator=g)[rows]
         sigma = self.train_sigmas[t].to(x_w.device)
-        return [self.pairs.prompts[i] for i in idx.tolist()], x_w, x_l, noise, sigma
+        return [self.pairs.prompts[i] for i in idx[rows].tolist()], x_w, x_l, noise, sigma
 
     def step(self, step: int) -> StepOutput:
         cfg = self.config
@@ -432,10 +438,11 @@ class PreferenceTrainer:
                 "train_sigmas": self.train_sigmas.numel(), "parameterization": self.parameterization}
 
     def train(self, *, checkpoints: Optional[CheckpointStore] = None, resume: bool = True,
-              fingerprint: Optional[dict] = None, progress=None, should_stop=None) -> TrainResult:
+              fingerprint: Optional[dict] = None, progress=None, should_stop=None,
+              reduce_gradients=None) -> TrainResult:
         return train(self.network, self.step, self.config.loop, checkpoints=checkpoints, resume=resume,
                      fingerprint={**self.fingerprint(), **(fingerprint or {})}, progress=progress,
-                     should_stop=should_stop)
+                     should_stop=should_stop, reduce_gradients=reduce_gradients)
 
 
 __all__ = [
