@@ -62,8 +62,18 @@ def test_config_validation(tmp_path):
         parse_config({**good, "colour": 1}, tmp_path)
     with pytest.raises(ValueError, match=r"config \[loop\]: unknown key\(s\) stepz"):
         parse_config({**good, "loop": {"stepz": 3}}, tmp_path)
-    with pytest.raises(ValueError, match="'dag-kl' is not available in the diffusers trainer yet"):
-        parse_config({**good, "method": "dag-kl"}, tmp_path)
+    with pytest.raises(ValueError, match="'selma' is not available in the diffusers trainer yet"):
+        parse_config({**good, "method": "selma"}, tmp_path)
+    with pytest.raises(ValueError, match="needs prompts"):
+        parse_config({"method": "dag-kl", "model": "m", "output": "o", "resolution": 8}, tmp_path)
+    with pytest.raises(ValueError, match="pairs belong to mapo"):
+        parse_config({**good, "method": "ddpo", "prompts": ["x"], "resolution": 8}, tmp_path)
+    with pytest.raises(ValueError, match="DAG-KL uses leave-one-out advantages"):
+        parse_config({"method": "DAG-KL", "model": "m", "output": "o", "resolution": 8, "prompts": ["x"],
+                      "rollout": {"batch_size": 1}}, tmp_path)
+    rollout = parse_config({"method": "ddpo", "model": "m", "output": "o", "resolution": 8, "prompts": ["x"]}, tmp_path)
+    assert rollout.rollout.loop.lr == 3e-4 and rollout.rollout.loop.weight_decay == 1e-4  # the method's defaults
+    assert config.preference.loop.lr == 1e-5 and config.preference.loop.weight_decay == 1e-2
     with pytest.raises(ValueError, match="needs pairs"):
         parse_config({**good, "pairs": ""}, tmp_path)
     with pytest.raises(ValueError, match="dtype must be one of"):
@@ -147,3 +157,36 @@ def test_other_preference_methods_train(tiny, method):
 
     layers = {name.replace(".", "_") for name, _ in load_diffusers_sd(tiny / "model").unet.named_modules()}
     assert {k[len("lora_unet_"):].split(".")[0] for k in sd} <= layers
+
+
+def write_rollout_config(root: Path, name: str, method: str) -> Path:
+    cfg = {"method": method, "model": "model", "output": f"out_{name}", "resolution": 8,
+           "prompts": ["a red square", "a blue circle"], "reward": "brightness", "sampling_steps": 2,
+           "lora": {"rank": 2, "alpha": 2, "targets": "attention"}, "loop": {"steps": 2, "seed": 3},
+           "rollout": {"batch_size": 2, "flow_channels": [8, 16], "flow_emb_dim": 16, "reward_exp": 10.0}}
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("method", ["dag-kl", "ddpo"])
+def test_rollouts_two_processes_equal_one(tiny, method):
+    """Each rank samples its own chains (the rows of the one-process batch) and the batch statistics
+    (DAG-KL's leave-one-out, DDPO's standardisation) are taken over all ranks' chains."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "comfy_poe.training", "--config",
+                          str(write_rollout_config(tiny, f"{method}_one", method))],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                          "-m", "comfy_poe.training", "--config", str(write_rollout_config(tiny, f"{method}_two", method))],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = lora(tiny, f"{method}_one"), lora(tiny, f"{method}_two")
+    assert max(float(v.abs().max()) for k, v in a.items() if k.endswith("lora_up.weight")) > 1e-5
+    assert max_diff(a, b) < 1e-5
+    history = [json.loads((tiny / f"out_{method}_{n}" / "state.json").read_text())["history"] for n in ("one", "two")]
+    for r1, r2 in zip(*history):
+        assert r1["reward"] == pytest.approx(r2["reward"], rel=1e-5)
+        assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-3)

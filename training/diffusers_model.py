@@ -104,6 +104,23 @@ class DiffusersSD(nn.Module):
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
     @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled VAE latents -> IMAGE (N, H, W, C) in [0, 1] (what pixel rewards see)."""
+        pixels = self.vae.decode((latents / self.latent_scale).to(device=self.vae.device, dtype=self.vae.dtype)).sample
+        return ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent cell along one side (2^(number of VAE blocks − 1))."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def sampling_sigmas(self, steps: int) -> torch.Tensor:
+        """``steps`` DDPM transitions over evenly spaced training levels, highest first (k-diffusion order)."""
+        n = self.train_sigmas.numel()
+        index = torch.linspace(n - 1, 0, int(steps) + 1).round().long()
+        return self.train_sigmas[index]
+
+    @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """IMAGE (N, H, W, C) in [0, 1] -> scaled VAE latents (the posterior mode, as ComfyUI's VAEEncode)."""
         pixels = images[..., :3].movedim(-1, 1).to(device=self.vae.device, dtype=self.vae.dtype) * 2 - 1

@@ -1,27 +1,35 @@
 """Train a LoRA on a local diffusers model folder from a config file, on one or many processes:
 
     python -m comfy_poe.training --config run.toml                              # one process
-    accelerate launch --num_processes 8 -m comfy_poe.training --config run.toml  # 8 GPUs, one node
-    torchrun --nproc_per_node 2 -m comfy_poe.training --config run.toml          # same, with torchrun
+    accelerate launch --multi_gpu --num_processes 8 -m comfy_poe.training --config run.toml  # 8 GPUs
+    torchrun --nproc_per_node 2 -m comfy_poe.training --config run.toml   # 2 processes (CPU: gloo)
 
 The config is TOML (tomllib) or JSON (by the file suffix):
 
-    method = "mapo"                 # mapo | dpo | sft (preference pairs)
+    method = "mapo"                 # mapo | dpo | sft (preference pairs) | dag-kl | dag-db | ddpo (reward rollouts)
     model = "/models/sd15-diffusers"  # StableDiffusionPipeline.save_pretrained folder (safetensors)
-    pairs = "/data/pairs"           # <root>/<pair>/{prompt.txt, chosen.png, rejected.png}
     output = "runs/mapo-1"          # checkpoint folder; the LoRA is <output>/lora.safetensors
-    resolution = 512                # pairs resized to this (square) size; 0: keep the first pair's size
+    resolution = 512                # pairs resized to this (square) size / rollout image size (pixels)
     resume = true                   # continue from <output> when it holds a checkpoint of this run
     dtype = "float32"               # float32 | bfloat16 | float16 (frozen weights; the LoRA trains in float32)
+    pairs = "/data/pairs"           # preference methods: <root>/<pair>/{prompt.txt, chosen.png, rejected.png}
+    prompts = ["a cat", "a dog"]    # rollout methods: prompts cycled one per step
+    reward = "brightness"           # rollout methods: brightness | jpeg-compressibility | jpeg-incompressibility
+    sampling_steps = 20             # rollout methods: DDPM transitions per chain (evenly spaced training levels)
+    cfg = 1.0                       # rollout methods: CFG of the behaviour policy (negative = "" prompt)
     [lora]                          # LoRAConfig: rank, alpha, targets, exclude, init
     [loop]                          # LoopConfig: steps, lr, weight_decay, grad_clip, seed, checkpoint_every, ...
     [preference]                    # PreferenceConfig: batch_size (global), beta_mapo, snr_value, beta_dpo, ...
+    [rollout]                       # RolloutConfig: batch_size (global chains), timestep_fraction, reward_exp, ...
 
 Data parallel (Accelerate's PartialState sets up the process group: NCCL on GPUs, gloo on CPU): every rank
-draws the same step batch from the seeded step generator and trains on its contiguous block of
-batch_size / world_size pairs; the LoRA gradients are averaged over ranks (all-reduce) before clipping and the
-AdamW step, so all ranks hold the same LoRA and the run equals the one-process run with the same global batch
-(up to float summation order). Only rank 0 writes checkpoints; every rank reads them on resume.
+draws the same step batch from the seeded step generators and works on its contiguous block of
+batch_size / world_size pairs or chains (a rank samples its own chains: the noise of the whole batch is drawn,
+its rows are used); batch statistics (DDPO's reward standardisation, DAG-KL's leave-one-out advantages) are
+taken over all ranks' chains (all_gather); the gradients (LoRA and DAG flow network) are averaged over ranks
+(all-reduce) before clipping and the AdamW step, so all ranks hold the same weights and the run equals the
+one-process run with the same global batch (up to float summation order). Only rank 0 writes checkpoints;
+every rank reads them on resume.
 
 The saved LoRA uses the kohya spelling of the diffusers UNet paths (lora_unet_...), which ComfyUI's LoraLoader
 maps onto the matching single-file checkpoint.
@@ -36,14 +44,18 @@ from pathlib import Path
 
 import torch
 
-from .alignment import PreferenceConfig, PreferenceTrainer
+from .alignment import (
+    ROLLOUT_METHODS, PreferenceConfig, PreferenceTrainer, RewardRolloutTrainer, RolloutConfig, check_rollout_method,
+)
 from .lora import LoRAConfig, create_lora
 from .loop import CheckpointStore, LoopConfig, StepOutput, train
 from .mapo import check_method
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOP_KEYS = {"method", "model", "pairs", "output", "resolution", "resume", "dtype", "lora", "loop", "preference"}
-ROLLOUT_NAMES = ("dag-kl", "dag-db", "ddpo", "dual-process", "selma")
+TOP_KEYS = {"method", "model", "pairs", "output", "resolution", "resume", "dtype", "lora", "loop", "preference",
+            "rollout", "prompts", "negative", "reward", "sampling_steps", "cfg"}
+NOT_YET = ("dual-process", "dualprocess", "selma")
+REWARDS = ("brightness", "jpeg-compressibility", "jpeg-incompressibility")
 
 
 def read_config(path: str | Path) -> dict:
@@ -62,16 +74,17 @@ def read_config(path: str | Path) -> dict:
     raise ValueError(f"config {path}: use a .toml or .json file")
 
 
-def _section(cls, values, name: str):
+def _section(base, values, name: str, skip=()):
+    """``base`` (a dataclass instance holding the method's defaults) with the config section's values."""
     values = dict(values or {})
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(base)} - set(skip)
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"config [{name}]: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-    for key in ("betas", "crop"):
+    for key in ("betas", "crop", "flow_channels"):
         if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
-    return cls(**values)
+    return dataclasses.replace(base, **values)
 
 
 @dataclasses.dataclass
@@ -84,7 +97,17 @@ class RunConfig:
     resume: bool = True
     dtype: str = "float32"
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
-    preference: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)
+    preference: PreferenceConfig | None = None
+    rollout: RolloutConfig | None = None
+    prompts: tuple = ()
+    negative: str = ""
+    reward: str = "brightness"
+    sampling_steps: int = 20
+    cfg: float = 1.0
+
+    @property
+    def trainer_config(self):
+        return self.preference if self.preference is not None else self.rollout
 
 
 def parse_config(raw: dict, base: Path | None = None) -> RunConfig:
@@ -96,12 +119,20 @@ def parse_config(raw: dict, base: Path | None = None) -> RunConfig:
     if missing:
         raise ValueError(f"config: {', '.join(missing)} must be set")
     method = str(raw["method"]).strip().lower()
-    if method.replace("_", "-") in ROLLOUT_NAMES:
+    if method.replace("_", "-").replace(" ", "-") in NOT_YET:
         raise ValueError(f"config: method {raw['method']!r} is not available in the diffusers trainer yet "
-                         "(available: mapo, dpo, sft); train it inside ComfyUI with the pack's nodes")
-    method = check_method(method)
-    if not raw.get("pairs"):
-        raise ValueError(f"config: method {method} needs pairs = <preference folder>")
+                         "(available: mapo, dpo, sft, dag-kl, dag-db, ddpo); train it inside ComfyUI with the pack's "
+                         "nodes")
+    try:
+        method = check_method(method)
+        rollout = False
+    except ValueError:
+        try:
+            method = check_rollout_method(method)
+        except ValueError:
+            raise ValueError(f"config: method must be one of mapo, dpo, sft, {', '.join(ROLLOUT_METHODS)}; "
+                             f"got {raw['method']!r}") from None
+        rollout = True
     if str(raw.get("dtype", "float32")) not in DTYPES:
         raise ValueError(f"config: dtype must be one of {', '.join(DTYPES)}, got {raw.get('dtype')!r}")
     base = base or Path.cwd()
@@ -109,14 +140,36 @@ def parse_config(raw: dict, base: Path | None = None) -> RunConfig:
     def where(p):
         return str(Path(p) if Path(p).is_absolute() else base / p)
 
-    loop = _section(LoopConfig, raw.get("loop"), "loop")
-    preference = _section(PreferenceConfig, {**(raw.get("preference") or {}), "method": method}, "preference")
-    preference.loop = loop
-    preference.validate()
-    return RunConfig(method=method, model=where(raw["model"]), pairs=where(raw["pairs"]), output=where(raw["output"]),
-                     resolution=int(raw.get("resolution", 0)), resume=bool(raw.get("resume", True)),
-                     dtype=str(raw.get("dtype", "float32")), lora=_section(LoRAConfig, raw.get("lora"), "lora"),
-                     preference=preference)
+    common = dict(method=method, model=where(raw["model"]), output=where(raw["output"]),
+                  resolution=int(raw.get("resolution", 0)), resume=bool(raw.get("resume", True)),
+                  dtype=str(raw.get("dtype", "float32")), lora=_section(LoRAConfig(), raw.get("lora"), "lora"))
+    if not rollout:
+        if raw.get("rollout") or raw.get("prompts"):
+            raise ValueError(f"config: [rollout] and prompts belong to dag-kl / dag-db / ddpo, not {method}")
+        if not raw.get("pairs"):
+            raise ValueError(f"config: method {method} needs pairs = <preference folder>")
+        preference = _section(PreferenceConfig(method=method), raw.get("preference"), "preference", skip=("method", "loop"))
+        preference.loop = _section(preference.loop, raw.get("loop"), "loop")
+        preference.validate()
+        return RunConfig(pairs=where(raw["pairs"]), preference=preference, **common)
+    if raw.get("preference") or raw.get("pairs"):
+        raise ValueError(f"config: [preference] and pairs belong to mapo / dpo / sft, not {method}")
+    prompts = raw.get("prompts")
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"config: method {method} needs prompts = [\"...\", ...] (non-empty strings)")
+    reward = str(raw.get("reward", "brightness")).strip().lower().replace("_", "-")
+    if reward not in REWARDS:
+        raise ValueError(f"config: reward must be one of {', '.join(REWARDS)}, got {raw.get('reward')!r}")
+    if not common["resolution"]:
+        raise ValueError(f"config: method {method} needs resolution = <image size of the rollouts, pixels>")
+    steps = int(raw.get("sampling_steps", 20))
+    if steps < 1:
+        raise ValueError(f"config: sampling_steps must be >= 1, got {steps}")
+    rollout_cfg = _section(RolloutConfig(method=method), raw.get("rollout"), "rollout", skip=("method", "loop"))
+    rollout_cfg.loop = _section(rollout_cfg.loop, raw.get("loop"), "loop")
+    rollout_cfg.validate()
+    return RunConfig(pairs="", rollout=rollout_cfg, prompts=tuple(prompts), negative=str(raw.get("negative", "")),
+                     reward=reward, sampling_steps=steps, cfg=float(raw.get("cfg", 1.0)), **common)
 
 
 class WithoutLoRA:
@@ -133,6 +186,25 @@ class WithoutLoRA:
             return self.model.denoise(x, sigma, conds)
         finally:
             self.network.scale = scale
+
+
+def gather_rows(world_size: int):
+    """``gather(t)``: the ranks' equal-sized (b/world, ...) tensors concatenated in rank order (all_gather)."""
+    import torch.distributed as dist
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    return gather
+
+
+def reward_fn_for(name: str, decode):
+    from .rewards import brightness_judge, jpeg_judge, reward_function
+
+    judge = brightness_judge() if name == "brightness" else jpeg_judge(name.split("-", 1)[1])
+    return reward_function([judge], decode=decode)
 
 
 def gradient_averager(world_size: int):
@@ -177,16 +249,31 @@ def run(config: RunConfig, log=print):
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group for CPU ranks
     rank, world = state.process_index, state.num_processes
-    cfg = config.preference
+    cfg = config.trainer_config
     if cfg.batch_size % world:
-        raise ValueError(f"preference batch_size {cfg.batch_size} (the global batch) must be a multiple of the "
-                         f"{world} processes")
+        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the {world} processes")
     model = load_diffusers_sd(config.model, device=state.device, dtype=DTYPES[config.dtype])
-    pairs = load_preference_folder(config.pairs, size=config.resolution or None)
     network = create_lora(model.unet, config.lora, seed=cfg.loop.seed, device=state.device).attach(model.unet)
-    reference = WithoutLoRA(model, network) if cfg.method == "dpo" else None
-    trainer = PreferenceTrainer(model, pairs, model.encode_images, model.encode_prompt, network, cfg,
-                                model.train_sigmas, reference=reference, parameterization=model.parameterization)
+    if config.preference is not None:
+        pairs = load_preference_folder(config.pairs, size=config.resolution or None)
+        reference = WithoutLoRA(model, network) if cfg.method == "dpo" else None
+        trainer = PreferenceTrainer(model, pairs, model.encode_images, model.encode_prompt, network, cfg,
+                                    model.train_sigmas, reference=reference, parameterization=model.parameterization)
+        trainable, extra = network, {}
+    else:
+        from .rollout import Policy
+
+        side = config.resolution // model.vae_factor
+        policy = Policy(model, model.sampling_sigmas(config.sampling_steps), (model.unet.config.in_channels, side, side),
+                        cfg=config.cfg, negative=model.encode_prompt(config.negative), device=state.device)
+        trainer = RewardRolloutTrainer(policy, [model.encode_prompt(p) for p in config.prompts],
+                                       reward_fn_for(config.reward, model.decode_latents), network, cfg,
+                                       prompt_names=list(config.prompts))
+        if world > 1:
+            trainer.gather = gather_rows(world)
+        trainable = trainer.trainable
+        extra = {"reward": config.reward, "sampling_steps": config.sampling_steps, "cfg": config.cfg,
+                 "negative": config.negative}
     trainer.shard = (rank, world)
     store = CheckpointStore(config.output, export=lambda net: net.export_state_dict(key_fn=kohya_unet_key),
                             metadata={"comfy_poe.method": cfg.method, "comfy_poe.base_model": Path(config.model).name,
@@ -199,8 +286,8 @@ def run(config: RunConfig, log=print):
 
     step_fn = trainer.step if world == 1 else global_values(trainer.step, world)
     # the global batch is part of the run's identity; the number of processes is not
-    result = train(network, step_fn, cfg.loop, checkpoints=store, resume=config.resume,
-                   fingerprint={**trainer.fingerprint(), "model": Path(config.model).name,
+    result = train(trainable, step_fn, cfg.loop, checkpoints=store, resume=config.resume,
+                   fingerprint={**trainer.fingerprint(), **extra, "model": Path(config.model).name,
                                 "resolution": config.resolution, "lora": config.lora.fingerprint(),
                                 "dtype": config.dtype},
                    progress=progress, reduce_gradients=gradient_averager(world) if world > 1 else None)
@@ -214,7 +301,8 @@ def run(config: RunConfig, log=print):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m comfy_poe.training",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     description=__doc__.split("\n\n")[0], epilog="See docs/scale_out.md.")
+                                     description=__doc__.split("\n\nThe config")[0],
+                                     epilog="The config file format and the data-parallel rules: docs/scale_out.md.")
     parser.add_argument("--config", required=True, help="run config, .toml or .json (see docs/scale_out.md)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if the output holds a checkpoint")
     args = parser.parse_args(argv)
