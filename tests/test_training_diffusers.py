@@ -62,8 +62,13 @@ def test_config_validation(tmp_path):
         parse_config({**good, "colour": 1}, tmp_path)
     with pytest.raises(ValueError, match=r"config \[loop\]: unknown key\(s\) stepz"):
         parse_config({**good, "loop": {"stepz": 3}}, tmp_path)
-    with pytest.raises(ValueError, match="'selma' is not available in the diffusers trainer yet"):
-        parse_config({**good, "method": "selma"}, tmp_path)
+    with pytest.raises(ValueError, match="'dual-process' is not available in the diffusers trainer yet"):
+        parse_config({**good, "method": "dual-process"}, tmp_path)
+    with pytest.raises(ValueError, match="do not apply to selma"):
+        parse_config({**good, "method": "selma", "dataset": "d"}, tmp_path)
+    selma = parse_config({"method": "selma", "model": "m", "output": "o", "dataset": "d", "preset": "tiny",
+                          "selma": {"steps": 9}}, tmp_path)
+    assert selma.selma.rank == 8 and selma.selma.steps == 9 and selma.dataset == str(tmp_path / "d")
     with pytest.raises(ValueError, match="needs prompts"):
         parse_config({"method": "dag-kl", "model": "m", "output": "o", "resolution": 8}, tmp_path)
     with pytest.raises(ValueError, match="pairs belong to mapo"):
@@ -190,3 +195,29 @@ def test_rollouts_two_processes_equal_one(tiny, method):
     for r1, r2 in zip(*history):
         assert r1["reward"] == pytest.approx(r2["reward"], rel=1e-5)
         assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-3)
+
+
+def test_selma_two_processes_equal_one(tiny):
+    from comfy_poe.selma.dataset import SkillDataset
+
+    if not (tiny / "skill").exists():
+        data = SkillDataset(tiny / "skill")
+        g = torch.Generator().manual_seed(5)
+        for i in range(4):
+            data.append(["a red square", "a blue circle"][i % 2], i, i, torch.rand(16, 16, 3, generator=g), True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    outputs = {}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port())])):
+        cfg = {"method": "selma", "model": "model", "dataset": "skill", "output": f"out_selma_{name}", "preset": "tiny",
+               "selma": {"rank": 2, "alpha": 2, "steps": 2, "batch_size": 4, "micro_batch": 1, "lr": 1e-3,
+                         "eval_samples": 0, "seed": 2}}
+        (tiny / f"selma_{name}.json").write_text(json.dumps(cfg))
+        command = [sys.executable, *launcher, "-m", "comfy_poe.training", "--config", str(tiny / f"selma_{name}.json")]
+        proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[name] = lora(tiny, f"selma_{name}")
+    a, b = outputs["one"], outputs["two"]
+    assert all(k.startswith("lora_unet_") for k in a)
+    assert max(float(v.abs().max()) for k, v in a.items() if k.endswith("lora_up.weight")) > 1e-4
+    assert max_diff(a, b) < 1e-5

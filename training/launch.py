@@ -6,7 +6,7 @@
 
 The config is TOML (tomllib) or JSON (by the file suffix):
 
-    method = "mapo"                 # mapo | dpo | sft (preference pairs) | dag-kl | dag-db | ddpo (reward rollouts)
+    method = "mapo"                 # mapo | dpo | sft (pairs) | dag-kl | dag-db | ddpo (rollouts) | selma (skill LoRA)
     model = "/models/sd15-diffusers"  # StableDiffusionPipeline.save_pretrained folder (safetensors)
     output = "runs/mapo-1"          # checkpoint folder; the LoRA is <output>/lora.safetensors
     resolution = 512                # pairs resized to this (square) size / rollout image size (pixels)
@@ -21,6 +21,8 @@ The config is TOML (tomllib) or JSON (by the file suffix):
     [loop]                          # LoopConfig: steps, lr, weight_decay, grad_clip, seed, checkpoint_every, ...
     [preference]                    # PreferenceConfig: batch_size (global), beta_mapo, snr_value, beta_dpo, ...
     [rollout]                       # RolloutConfig: batch_size (global chains), timestep_fraction, reward_exp, ...
+    dataset = "/data/skill"         # selma: a SELMA skill dataset folder (the pack's SELMA dataset nodes)
+    preset = "small"                # selma: reference | small | tiny, then [selma]: SkillTrainConfig overrides
 
 Data parallel (Accelerate's PartialState sets up the process group: NCCL on GPUs, gloo on CPU): every rank
 draws the same step batch from the seeded step generators and works on its contiguous block of
@@ -53,8 +55,8 @@ from .mapo import check_method
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOP_KEYS = {"method", "model", "pairs", "output", "resolution", "resume", "dtype", "lora", "loop", "preference",
-            "rollout", "prompts", "negative", "reward", "sampling_steps", "cfg"}
-NOT_YET = ("dual-process", "dualprocess", "selma")
+            "rollout", "prompts", "negative", "reward", "sampling_steps", "cfg", "dataset", "preset", "selma"}
+NOT_YET = ("dual-process", "dualprocess")
 REWARDS = ("brightness", "jpeg-compressibility", "jpeg-incompressibility")
 
 
@@ -104,10 +106,12 @@ class RunConfig:
     reward: str = "brightness"
     sampling_steps: int = 20
     cfg: float = 1.0
+    dataset: str = ""
+    selma: object = None   # selma.trainer.SkillTrainConfig
 
     @property
     def trainer_config(self):
-        return self.preference if self.preference is not None else self.rollout
+        return next(c for c in (self.preference, self.rollout, self.selma) if c is not None)
 
 
 def parse_config(raw: dict, base: Path | None = None) -> RunConfig:
@@ -121,8 +125,12 @@ def parse_config(raw: dict, base: Path | None = None) -> RunConfig:
     method = str(raw["method"]).strip().lower()
     if method.replace("_", "-").replace(" ", "-") in NOT_YET:
         raise ValueError(f"config: method {raw['method']!r} is not available in the diffusers trainer yet "
-                         "(available: mapo, dpo, sft, dag-kl, dag-db, ddpo); train it inside ComfyUI with the pack's "
-                         "nodes")
+                         "(available: mapo, dpo, sft, dag-kl, dag-db, ddpo, selma); train it inside ComfyUI with the "
+                         "pack's nodes")
+    if raw.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"config: dtype must be one of {', '.join(DTYPES)}, got {raw.get('dtype')!r}")
+    if method == "selma":
+        return parse_selma(raw, base or Path.cwd())
     try:
         method = check_method(method)
         rollout = False
@@ -186,6 +194,52 @@ class WithoutLoRA:
             return self.model.denoise(x, sigma, conds)
         finally:
             self.network.scale = scale
+
+
+def parse_selma(raw: dict, base: Path) -> RunConfig:
+    """SELMA skill LoRA: dataset = a SkillDataset folder (the pack's SELMA dataset nodes), preset + [selma]."""
+    from ..selma.trainer import SkillTrainConfig, preset_config
+
+    wrong = sorted(set(raw) & {"lora", "loop", "preference", "rollout", "pairs", "prompts", "reward"})
+    if wrong:
+        raise ValueError(f"config: {', '.join(wrong)} do not apply to selma (its LoRA and loop settings are in "
+                         "[selma]: rank, alpha, targets, lr, steps, batch_size, micro_batch, seed, ...)")
+    if not raw.get("dataset"):
+        raise ValueError("config: method selma needs dataset = <SELMA skill dataset folder>")
+    selma = preset_config(str(raw.get("preset", "reference")))
+    selma = _section(selma, raw.get("selma"), "selma")
+    selma.validate()
+
+    def where(p):
+        return str(Path(p) if Path(p).is_absolute() else base / p)
+
+    return RunConfig(method="selma", model=where(raw["model"]), pairs="", output=where(raw["output"]),
+                     resolution=int(raw.get("resolution", 0)), resume=bool(raw.get("resume", True)),
+                     dtype=str(raw.get("dtype", "float32")), dataset=where(raw["dataset"]), selma=selma)
+
+
+def run_selma(config: RunConfig, state, model, log):
+    """One SELMA skill LoRA on this process's share (selma.trainer.train_skill_lora, the pack's SELMA core)."""
+    from ..selma.trainer import train_skill_lora
+    from .diffusers_model import kohya_unet_key
+
+    if model.parameterization != "eps":
+        raise ValueError(f"SELMA trains EPS (or flow) models; this UNet predicts {model.parameterization}")
+    world = state.num_processes
+
+    def progress(step, total, record):
+        if state.is_main_process:
+            log(f"step {step}/{total} loss {record['loss']:.5f} grad_norm {record['grad_norm']:.4f}", flush=True)
+
+    return train_skill_lora(config.dataset, model.unet, lambda x, s, c: model.denoise(x, s, [c])[0],
+                            model.encode_prompt, model.encode_images,
+                            config=config.selma, sigmas=model.train_sigmas, parameterization="eps",
+                            device=state.device, run_dir=config.output, resume=config.resume,
+                            export=lambda net: net.export_state_dict(key_fn=kohya_unet_key),
+                            metadata={"comfy_poe.method": "selma", "comfy_poe.base_model": Path(config.model).name},
+                            progress=progress, shard=(state.process_index, world),
+                            reduce_gradients=gradient_averager(world) if world > 1 else None,
+                            writer=state.is_main_process)
 
 
 def gather_rows(world_size: int):
@@ -253,6 +307,14 @@ def run(config: RunConfig, log=print):
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the {world} processes")
     model = load_diffusers_sd(config.model, device=state.device, dtype=DTYPES[config.dtype])
+    if config.selma is not None:
+        result = run_selma(config, state, model, log)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            log(result.summary(), flush=True)
+            log(f"LoRA: {Path(config.output) / 'lora.safetensors'} ({world} process(es), {result.steps_done} steps, "
+                f"resumed from step {result.resumed_from})", flush=True)
+        return result
     network = create_lora(model.unet, config.lora, seed=cfg.loop.seed, device=state.device).attach(model.unet)
     if config.preference is not None:
         pairs = load_preference_folder(config.pairs, size=config.resolution or None)
