@@ -62,8 +62,11 @@ def test_config_validation(tmp_path):
         parse_config({**good, "colour": 1}, tmp_path)
     with pytest.raises(ValueError, match=r"config \[loop\]: unknown key\(s\) stepz"):
         parse_config({**good, "loop": {"stepz": 3}}, tmp_path)
-    with pytest.raises(ValueError, match="'dual-process' is not available in the diffusers trainer yet"):
-        parse_config({**good, "method": "dual-process"}, tmp_path)
+    with pytest.raises(ValueError, match="needs prompt"):
+        parse_config({"method": "dual-process", "model": "m", "output": "o", "resolution": 8}, tmp_path)
+    with pytest.raises(ValueError, match="judge must be one of brightness"):
+        parse_config({"method": "dual-process", "model": "m", "output": "o", "resolution": 8, "prompt": "x",
+                      "judge": "jpeg"}, tmp_path)
     with pytest.raises(ValueError, match="do not apply to selma"):
         parse_config({**good, "method": "selma", "dataset": "d"}, tmp_path)
     selma = parse_config({"method": "selma", "model": "m", "output": "o", "dataset": "d", "preset": "tiny",
@@ -219,5 +222,25 @@ def test_selma_two_processes_equal_one(tiny):
         outputs[name] = lora(tiny, f"selma_{name}")
     a, b = outputs["one"], outputs["two"]
     assert all(k.startswith("lora_unet_") for k in a)
+    assert max(float(v.abs().max()) for k, v in a.items() if k.endswith("lora_up.weight")) > 1e-4
+    assert max_diff(a, b) < 1e-5
+
+
+def test_dual_process_two_processes_equal_one(tiny):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    outputs = {}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port())])):
+        cfg = {"method": "dual-process", "model": "model", "output": f"out_dp_{name}", "resolution": 8,
+               "prompt": "a red square", "judge": "brightness", "sampling_steps": 2, "cfg": 2.0,
+               "lora": {"rank": 2, "alpha": 2, "targets": "attention"}, "loop": {"steps": 2, "lr": 1e-3, "seed": 4},
+               "dual_process": {"batch_size": 2, "noise_pool": 4, "pixel_range": "clamp"}}
+        (tiny / f"dp_{name}.json").write_text(json.dumps(cfg))
+        proc = subprocess.run([sys.executable, *launcher, "-m", "comfy_poe.training", "--config",
+                               str(tiny / f"dp_{name}.json")], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[name] = lora(tiny, f"dp_{name}")
+    a, b = outputs["one"], outputs["two"]
     assert max(float(v.abs().max()) for k, v in a.items() if k.endswith("lora_up.weight")) > 1e-4
     assert max_diff(a, b) < 1e-5

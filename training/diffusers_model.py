@@ -103,9 +103,8 @@ class DiffusersSD(nn.Module):
                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled VAE latents -> IMAGE (N, H, W, C) in [0, 1] (what pixel rewards see)."""
+        """Scaled VAE latents -> IMAGE (N, H, W, C) in [0, 1] (pixel rewards; differentiable for Dual-Process)."""
         pixels = self.vae.decode((latents / self.latent_scale).to(device=self.vae.device, dtype=self.vae.dtype)).sample
         return ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1)
 

@@ -6,7 +6,7 @@
 
 The config is TOML (tomllib) or JSON (by the file suffix):
 
-    method = "mapo"                 # mapo | dpo | sft (pairs) | dag-kl | dag-db | ddpo (rollouts) | selma (skill LoRA)
+    method = "mapo"                 # mapo | dpo | sft | dag-kl | dag-db | ddpo | selma | dual-process
     model = "/models/sd15-diffusers"  # StableDiffusionPipeline.save_pretrained folder (safetensors)
     output = "runs/mapo-1"          # checkpoint folder; the LoRA is <output>/lora.safetensors
     resolution = 512                # pairs resized to this (square) size / rollout image size (pixels)
@@ -23,6 +23,7 @@ The config is TOML (tomllib) or JSON (by the file suffix):
     [rollout]                       # RolloutConfig: batch_size (global chains), timestep_fraction, reward_exp, ...
     dataset = "/data/skill"         # selma: a SELMA skill dataset folder (the pack's SELMA dataset nodes)
     preset = "small"                # selma: reference | small | tiny, then [selma]: SkillTrainConfig overrides
+    prompt = "a cat"                # dual-process: the prompt; judge = "brightness"; [dual_process]: DualProcessConfig
 
 Data parallel (Accelerate's PartialState sets up the process group: NCCL on GPUs, gloo on CPU): every rank
 draws the same step batch from the seeded step generators and works on its contiguous block of
@@ -55,8 +56,11 @@ from .mapo import check_method
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOP_KEYS = {"method", "model", "pairs", "output", "resolution", "resume", "dtype", "lora", "loop", "preference",
-            "rollout", "prompts", "negative", "reward", "sampling_steps", "cfg", "dataset", "preset", "selma"}
-NOT_YET = ("dual-process", "dualprocess")
+            "rollout", "prompts", "negative", "reward", "sampling_steps", "cfg", "dataset", "preset", "selma",
+            "dual_process", "prompt", "judge"}
+NOT_YET = ()
+DUAL_PROCESS_NAMES = ("dual-process", "dualprocess", "dual_process")
+JUDGES = ("brightness",)
 REWARDS = ("brightness", "jpeg-compressibility", "jpeg-incompressibility")
 
 
@@ -108,10 +112,13 @@ class RunConfig:
     cfg: float = 1.0
     dataset: str = ""
     selma: object = None   # selma.trainer.SkillTrainConfig
+    dual_process: object = None   # dual_process.DualProcessConfig
+    prompt: str = ""
+    judge: str = "brightness"
 
     @property
     def trainer_config(self):
-        return next(c for c in (self.preference, self.rollout, self.selma) if c is not None)
+        return next(c for c in (self.preference, self.rollout, self.selma, self.dual_process) if c is not None)
 
 
 def parse_config(raw: dict, base: Path | None = None) -> RunConfig:
@@ -131,6 +138,8 @@ def parse_config(raw: dict, base: Path | None = None) -> RunConfig:
         raise ValueError(f"config: dtype must be one of {', '.join(DTYPES)}, got {raw.get('dtype')!r}")
     if method == "selma":
         return parse_selma(raw, base or Path.cwd())
+    if method in DUAL_PROCESS_NAMES:
+        return parse_dual_process(raw, base or Path.cwd())
     try:
         method = check_method(method)
         rollout = False
@@ -216,6 +225,66 @@ def parse_selma(raw: dict, base: Path) -> RunConfig:
     return RunConfig(method="selma", model=where(raw["model"]), pairs="", output=where(raw["output"]),
                      resolution=int(raw.get("resolution", 0)), resume=bool(raw.get("resume", True)),
                      dtype=str(raw.get("dtype", "float32")), dataset=where(raw["dataset"]), selma=selma)
+
+
+def parse_dual_process(raw: dict, base: Path) -> RunConfig:
+    """Dual-Process: one prompt, a differentiable judge, [dual_process] = DualProcessConfig, [lora], [loop]."""
+    from .dual_process import DualProcessConfig
+
+    wrong = sorted(set(raw) & {"preference", "rollout", "selma", "pairs", "prompts", "reward", "dataset", "preset"})
+    if wrong:
+        raise ValueError(f"config: {', '.join(wrong)} do not apply to dual-process")
+    if not str(raw.get("prompt", "")).strip():
+        raise ValueError("config: method dual-process needs prompt = \"...\"")
+    judge = str(raw.get("judge", "brightness")).strip().lower()
+    if judge not in JUDGES:
+        raise ValueError(f"config: judge must be one of {', '.join(JUDGES)} (differentiable, no weights), got "
+                         f"{raw.get('judge')!r}")
+    if not int(raw.get("resolution", 0)):
+        raise ValueError("config: method dual-process needs resolution = <image size, pixels>")
+    dual = _section(DualProcessConfig(), raw.get("dual_process"), "dual_process", skip=("loop",))
+    dual.loop = _section(dual.loop, raw.get("loop"), "loop")
+    dual.validate()
+
+    def where(p):
+        return str(Path(p) if Path(p).is_absolute() else base / p)
+
+    steps = int(raw.get("sampling_steps", 20))
+    if steps < 1:
+        raise ValueError(f"config: sampling_steps must be >= 1, got {steps}")
+    return RunConfig(method="dual-process", model=where(raw["model"]), pairs="", output=where(raw["output"]),
+                     resolution=int(raw["resolution"]), resume=bool(raw.get("resume", True)),
+                     dtype=str(raw.get("dtype", "float32")), lora=_section(LoRAConfig(), raw.get("lora"), "lora"),
+                     dual_process=dual, prompt=str(raw["prompt"]), negative=str(raw.get("negative", "")), judge=judge,
+                     sampling_steps=steps, cfg=float(raw.get("cfg", 1.0)))
+
+
+def run_dual_process(config: RunConfig, state, model, network, store, progress):
+    """Dual-Process tuning (training.dual_process.tune) on this process's share of every step's noises."""
+    from .dual_process import Generator, tune
+    from .rewards import brightness_judge
+
+    world = state.num_processes
+    if world > 1 and config.dual_process.pixel_range == "minmax":
+        raise ValueError("dual_process pixel_range 'minmax' rescales over the whole batch, which ranks do not share; "
+                         "use pixel_range = 'clamp' (or 'none') with several processes")
+    cond, negative = model.encode_prompt(config.prompt), model.encode_prompt(config.negative)
+
+    def denoise(x, sigma):
+        if config.cfg == 1.0:
+            return model.denoise(x, sigma, [cond])[0]
+        d_cond, d_uncond = model.denoise(x, sigma, [cond, negative])
+        return d_uncond + config.cfg * (d_cond - d_uncond)
+
+    side = config.resolution // model.vae_factor
+    sigmas = torch.cat([model.sampling_sigmas(config.sampling_steps), torch.zeros(1)])
+    generator = Generator(denoise, sigmas, (model.unet.config.in_channels, side, side), model.parameterization,
+                          decode=model.decode_latents, device=state.device)
+    return tune(generator, [brightness_judge()], network, config.dual_process, checkpoints=store,
+                resume=config.resume, fingerprint={"model": Path(config.model).name, "prompt": config.prompt,
+                                                   "cfg": config.cfg, "lora": config.lora.fingerprint()},
+                progress=progress, shard=(state.process_index, world),
+                reduce_gradients=gradient_averager(world) if world > 1 else None)
 
 
 def run_selma(config: RunConfig, state, model, log):
@@ -316,6 +385,27 @@ def run(config: RunConfig, log=print):
                 f"resumed from step {result.resumed_from})", flush=True)
         return result
     network = create_lora(model.unet, config.lora, seed=cfg.loop.seed, device=state.device).attach(model.unet)
+    if config.dual_process is not None:
+        store = CheckpointStore(config.output, export=lambda net: net.export_state_dict(key_fn=kohya_unet_key),
+                                metadata={"comfy_poe.method": "dual-process",
+                                          "comfy_poe.base_model": Path(config.model).name},
+                                writer=state.is_main_process)
+
+        def progress(step, total, record):
+            if state.is_main_process:
+                log(f"step {step}/{total} loss {record['loss']:.5f} grad_norm {record['grad_norm']:.4f}", flush=True)
+
+        result = run_dual_process(config, state, model, network, store, progress)
+        if state.is_main_process:  # the final LoRA at the evaluation weight (eval_scale folded into alpha)
+            from ..lora.io import atomic_write_safetensors
+
+            atomic_write_safetensors(store.lora_path, network.export_state_dict(key_fn=kohya_unet_key),
+                                     metadata={**store.metadata, "comfy_poe.training_step": str(result.steps_done)})
+        state.wait_for_everyone()
+        if state.is_main_process:
+            log(f"LoRA: {store.lora_path} ({world} process(es), {result.steps_done} steps, resumed from step "
+                f"{result.resumed_from})", flush=True)
+        return result
     if config.preference is not None:
         pairs = load_preference_folder(config.pairs, size=config.resolution or None)
         reference = WithoutLoRA(model, network) if cfg.method == "dpo" else None
