@@ -1,49 +1,57 @@
-"""Batch runs through ComfyUI's HTTP + websocket API: one API workflow, one JSONL of overrides, one manifest.
+"""Batch runs over one or more ComfyUI servers: one API workflow, one JSONL of overrides, one manifest.
 
-    python -m comfy_poe.api_batch --server http://127.0.0.1:8188 \\
+    python -m comfy_poe.api_batch --server http://gpu0:8188 --server http://gpu1:8188 \\
         --workflow workflows/api/X_api.json --overrides jobs.jsonl --out manifest.json
 
-``--workflow`` is an API-format workflow (ComfyUI menu: Export (API)): ``{node_id: {"class_type",
-"inputs", "_meta": {"title"}}}``. Each JSONL line is one job::
+--workflow is an API-format workflow (ComfyUI menu: Export (API)): {node_id: {"class_type", "inputs",
+"_meta": {"title"}}}. Each JSONL line is one job:
 
     {"id": "cat-42", "set": {"5.seed": 42, "KSampler.steps": 20, "Positive.text": "a cat"}}
 
-A key is ``<selector>.<input name>``; the selector is a node id, or else every node whose
-``class_type`` or title (``_meta.title``) equals it. A key that matches no node or no input is an error
-for that job (it is not queued). Jobs are queued together, progress is read from the websocket
-(``/ws?clientId=…``; a minimal RFC 6455 client, text frames only) with ``/history`` polling as the
-fallback and safety net, and the manifest (per job: prompt_id, status, output files, error, timings)
-is rewritten atomically after every finished job. Standard library only; no proxies are used.
-Exit status: 0 all jobs succeeded, 1 some failed, 2 bad arguments / files / unreachable server.
+A key is <selector>.<input name>; the selector is a node id, or else every node whose class_type or title
+(_meta.title) equals it. A key that matches no node or no input makes that job invalid (never queued).
+A value for the image input of an image-loading node (LoadImage, LoadImageMask) that names a local file is
+uploaded to each server through /upload/image before the job is queued there.
+
+Scheduling: each server takes at most --per-server jobs at a time (counting what its own queue already
+holds), the next job goes to the server with the most free slots. A server that stops answering (HTTP /
+websocket errors and a failed /queue probe) is dropped, and its unfinished jobs are queued again on the
+others (at most --retries times per job). A job that fails because of its own inputs (rejected by
+ComfyUI's validation, or an error while executing) is not retried. Progress comes from each server's
+websocket (/ws?clientId=...), with /history as the authoritative result; the manifest (per job: server,
+prompt_id, status, output files, error, timings, lost attempts) is rewritten atomically after every change,
+and --resume MANIFEST skips the jobs that manifest lists as success with the same overrides.
+
+HTTP and websocket come from aiohttp (in every ComfyUI environment; elsewhere: pip install 'comfy-poe[batch]').
+Exit status: 0 all jobs succeeded, 1 some failed, 2 bad arguments / files / no server reachable.
 """
 from __future__ import annotations
 
 import argparse
-import base64
+import asyncio
+import collections
 import copy
 import hashlib
 import json
 import os
-import socket
-import ssl
-import struct
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 
 from .fileio import atomic_write_text
 
 JOB_KEYS = {"id", "set"}
-FINAL_STATUSES = ("success", "failed", "interrupted")
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
+FINAL_STATUSES = ("success", "failed", "interrupted", "rejected", "invalid", "error", "timeout")
+# image-loading nodes whose image input may name a local file to upload: class_type -> input names
+IMAGE_LOADERS = {"LoadImage": ("image",), "LoadImageMask": ("image",)}
+UPLOAD_SUBFOLDER = "comfy_poe_batch"
+EXTRA_HINT = "pip install 'comfy-poe[batch]' (ComfyUI's own Python already has aiohttp and tqdm)"
 
 
 class BatchError(ValueError):
-    """Bad workflow, job file or override: the message names the file, line or key."""
+    """Bad workflow, job file, override, server list or manifest: the message names the file, line or key."""
 
 
 # --------------------------------------------------------------------------- workflow and overrides
@@ -117,7 +125,7 @@ def _sorted_ids(ids):
 
 
 def resolve_key(workflow: dict, key: str) -> list[tuple[str, str]]:
-    """``"<selector>.<input>"`` -> [(node id, input name)]: a node id, else all nodes whose class_type or
+    """"<selector>.<input>" -> [(node id, input name)]: a node id, else all nodes whose class_type or
     _meta.title equals the selector. Raises BatchError when nothing (or a node without that input) matches."""
     if not isinstance(key, str) or "." not in key.strip("."):
         raise BatchError(f"override key {key!r}: use '<node id, class or title>.<input name>', e.g. '5.seed'")
@@ -143,9 +151,9 @@ def _is_link(value) -> bool:
 
 
 def apply_overrides(workflow: dict, overrides: dict) -> tuple[dict, dict]:
-    """A copy of ``workflow`` with the overrides set, and {"<node id>.<input>": value} of what was set.
+    """A copy of workflow with the overrides set, and {"<node id>.<input>": value} of what was set.
 
-    Replacing a link (``[node_id, output]``) by a constant is refused: it would silently cut the graph."""
+    Replacing a link ([node_id, output]) by a constant is refused: it would silently cut the graph."""
     prompt = copy.deepcopy(workflow)
     applied = {}
     for key, value in overrides.items():
@@ -218,172 +226,93 @@ def summarize_history(entry: dict) -> dict:
     return result
 
 
-# --------------------------------------------------------------------------- HTTP and websocket clients
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# --------------------------------------------------------------------------- uploads
 
 
-class ComfyClient:
-    """The few HTTP calls a batch needs: POST /prompt, GET /history/<id>."""
+def local_uploads(workflow: dict, applied: dict) -> dict:
+    """{"<node id>.<input>": absolute path} for the overridden image inputs of image-loading nodes whose
+    value names an existing local file (those are uploaded; other values are ComfyUI input names)."""
+    uploads = {}
+    for key, value in applied.items():
+        nid, name = key.rsplit(".", 1)
+        if (name in IMAGE_LOADERS.get(workflow[nid]["class_type"], ()) and isinstance(value, str)
+                and os.path.isfile(value)):
+            uploads[key] = os.path.abspath(value)
+    return uploads
 
-    def __init__(self, server: str, timeout: float = 30.0):
-        self.server = server.rstrip("/")
-        parsed = urllib.parse.urlparse(self.server)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise BatchError(f"--server {server!r}: expected http://host:port")
-        self.timeout = timeout
 
-    def _json(self, path: str, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.server + path, data=data,
-                                     headers={"Content-Type": "application/json"} if data else {})
-        with _OPENER.open(req, timeout=self.timeout) as resp:
-            return json.loads(resp.read() or b"null")
+def upload_name(path: str, data: bytes) -> str:
+    """The file name an upload gets on the server: content hash + original name (same file, same name:
+    uploads are idempotent and two different files never collide)."""
+    return f"{hashlib.sha256(data).hexdigest()[:16]}_{os.path.basename(path)}"
 
-    def check(self) -> None:
-        """Raises URLError / OSError when no ComfyUI answers at ``server``."""
-        self._json("/queue")
 
-    def submit(self, prompt: dict, client_id: str) -> tuple[str | None, dict]:
-        """(prompt_id, response); (None, response) when the server rejects the prompt (HTTP 400)."""
+# --------------------------------------------------------------------------- servers
+
+
+def parse_server(text: str, limit: int) -> tuple[str, int]:
+    """'http://host:port' or 'http://host:port LIMIT' -> (base URL, per-server limit)."""
+    parts = text.split()
+    if not parts or len(parts) > 2:
+        raise BatchError(f"server {text!r}: expected 'http://host:port' or 'http://host:port LIMIT'")
+    url = parts[0].rstrip("/")
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise BatchError(f"server {text!r}: expected http://host:port")
+    if len(parts) == 2:
         try:
-            resp = self._json("/prompt", {"prompt": prompt, "client_id": client_id})
-        except urllib.error.HTTPError as err:
-            if err.code != 400:
-                raise
-            try:
-                return None, json.loads(err.read() or b"{}")
-            except ValueError:
-                return None, {"error": {"message": f"HTTP 400 {err.reason}"}}
-        return resp["prompt_id"], resp
-
-    def history(self, prompt_id: str) -> dict | None:
-        """The finished history entry of a prompt, or None while it is queued / running."""
-        entry = (self._json(f"/history/{urllib.parse.quote(prompt_id)}") or {}).get(prompt_id)
-        return entry if entry and entry.get("status") is not None else None
+            limit = int(parts[1])
+        except ValueError:
+            limit = 0
+        if limit < 1:
+            raise BatchError(f"server {text!r}: the limit must be a positive integer")
+    return url, limit
 
 
-class WebSocketClosed(ConnectionError):
-    pass
-
-
-def encode_frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
-    """One final frame; clients must mask (RFC 6455 5.3), so a random key is used unless given."""
-    mask = os.urandom(4) if mask is None else mask
-    n = len(payload)
-    head = bytes([0x80 | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 1 << 16:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def decode_frame(buf: bytes):
-    """(fin, opcode, payload, bytes used) of the first complete frame in ``buf``, or None if incomplete."""
-    if len(buf) < 2:
-        return None
-    fin, opcode = bool(buf[0] & 0x80), buf[0] & 0x0F
-    masked, n, pos = bool(buf[1] & 0x80), buf[1] & 0x7F, 2
-    if n == 126:
-        if len(buf) < 4:
-            return None
-        n, pos = struct.unpack("!H", buf[2:4])[0], 4
-    elif n == 127:
-        if len(buf) < 10:
-            return None
-        n, pos = struct.unpack("!Q", buf[2:10])[0], 10
-    key = b""
-    if masked:
-        if len(buf) < pos + 4:
-            return None
-        key, pos = buf[pos:pos + 4], pos + 4
-    if len(buf) < pos + n:
-        return None
-    payload = buf[pos:pos + n]
-    if masked:
-        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return fin, opcode, payload, pos + n
-
-
-class WebSocket:
-    """Minimal RFC 6455 client: handshake, text messages (fragments joined), ping -> pong, close.
-    Binary messages (ComfyUI's preview images) are read and dropped."""
-
-    def __init__(self, url: str, timeout: float = 10.0):
-        parsed = urllib.parse.urlparse(url)
-        secure = parsed.scheme in ("wss", "https")
-        port = parsed.port or (443 if secure else 80)
-        self.sock = socket.create_connection((parsed.hostname, port), timeout=timeout)
-        if secure:
-            self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=parsed.hostname)
-        key = base64.b64encode(os.urandom(16)).decode()
-        path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {parsed.hostname}:{port}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-                          .encode())
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = self.sock.recv(4096)
-            if not chunk or len(buf) > 65536:
-                self.close()
-                raise WebSocketClosed("websocket handshake: connection closed")
-            buf += chunk
-        head, self._buf = buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
-        if " 101 " not in lines[0] + " " or headers.get("sec-websocket-accept") != accept:
-            self.close()
-            raise WebSocketClosed(f"websocket handshake refused: {lines[0]}")
-        self._parts: list[bytes] = []
-        self._text = False
-
-    def recv(self, timeout: float) -> str | None:
-        """The next text message, or None after ``timeout`` seconds without a complete one."""
-        deadline = time.monotonic() + timeout
-        while True:
-            frame = decode_frame(self._buf)
-            if frame is not None:
-                fin, opcode, payload, used = frame
-                self._buf = self._buf[used:]
-                if opcode == 0x8:
-                    self.close()
-                    raise WebSocketClosed("websocket closed by the server")
-                if opcode == 0x9:
-                    self.sock.sendall(encode_frame(0xA, payload))
-                elif opcode in (0x0, 0x1, 0x2):
-                    if opcode != 0x0:
-                        self._parts, self._text = [], opcode == 0x1
-                    self._parts.append(payload)
-                    if fin:
-                        data, self._parts = b"".join(self._parts), []
-                        if self._text:
-                            return data.decode("utf-8", errors="replace")
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except (socket.timeout, TimeoutError):
-                return None
-            if not chunk:
-                raise WebSocketClosed("websocket connection lost")
-            self._buf += chunk
-
-    def close(self) -> None:
+def load_servers(values, path: str | None, limit: int) -> list[tuple[str, int]]:
+    """Servers from repeated --server values and a servers file (one 'URL [LIMIT]' a line, '#' comments)."""
+    entries = [(v, f"--server {v!r}") for v in values or []]
+    if path:
         try:
-            self.sock.sendall(encode_frame(0x8, b""))
-        except OSError:
-            pass
-        self.sock.close()
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as err:
+            raise BatchError(f"servers file {path}: {err}") from err
+        entries += [(line.strip(), f"{path}:{n}") for n, line in enumerate(lines, 1)
+                    if line.strip() and not line.strip().startswith("#")]
+    servers, seen = [], set()
+    for text, where in entries:
+        try:
+            url, n = parse_server(text, limit)
+        except BatchError as err:
+            raise BatchError(f"{where}: {err}") from None
+        if url in seen:
+            raise BatchError(f"{where}: server {url} is listed twice")
+        seen.add(url)
+        servers.append((url, n))
+    return servers or [("http://127.0.0.1:8188", limit)]
 
 
-# --------------------------------------------------------------------------- batch runner
+def load_resume(path: str) -> dict:
+    """{job id: manifest entry} of a previous manifest (--resume)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        return {str(j["id"]): j for j in manifest["jobs"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BatchError(f"--resume {path}: not a readable batch manifest ({err})") from err
+
+
+def _require_aiohttp():
+    try:
+        import aiohttp
+    except ImportError:
+        raise BatchError(f"the batch runner needs aiohttp: {EXTRA_HINT}") from None
+    return aiohttp
+
+
+class ServerDown(ConnectionError):
+    """The server did not answer (connection refused / reset / timed out, websocket gone, HTTP 5xx)."""
 
 
 @dataclass
@@ -391,21 +320,32 @@ class JobRecord:
     job: Job
     prompt: dict | None = None
     applied: dict = field(default_factory=dict)
+    uploads: dict = field(default_factory=dict)
+    server: str | None = None
     prompt_id: str | None = None
     status: str = "pending"
     error: dict | None = None
     node_errors: dict | None = None
     outputs: list = field(default_factory=list)
+    attempts: list = field(default_factory=list)  # earlier tries lost with their server
     submitted: float | None = None
     started: float | None = None
     finished: float | None = None
+    resumed: bool = False
+    event: asyncio.Event | None = None
+    previous: dict | None = None  # the manifest entry kept by --resume
 
     def to_json(self) -> dict:
+        if self.previous is not None:
+            return self.previous
         timings = {"submitted": self.submitted, "started": self.started, "finished": self.finished,
                    "queued_s": _delta(self.submitted, self.started), "run_s": _delta(self.started, self.finished),
                    "total_s": _delta(self.submitted, self.finished)}
-        out = {"id": self.job.id, "line": self.job.line, "prompt_id": self.prompt_id, "status": self.status,
-               "overrides": self.applied, "outputs": self.outputs, "error": self.error, "timings": timings}
+        out = {"id": self.job.id, "line": self.job.line, "server": self.server, "prompt_id": self.prompt_id,
+               "status": self.status, "overrides": self.applied, "outputs": self.outputs, "error": self.error,
+               "timings": timings, "attempts": self.attempts}
+        if self.uploads:
+            out["uploads"] = self.uploads
         if self.node_errors:
             out["node_errors"] = self.node_errors
         return out
@@ -419,180 +359,525 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_batch(server: str, workflow: dict, jobs: list[Job], out: str | None = None, *, timeout: float = 3600.0,
-              poll_interval: float = 1.0, use_websocket: bool = True, log=_stderr, workflow_path: str = "") -> dict:
-    """Queue every job, follow progress, collect outputs; returns (and writes to ``out``) the manifest."""
-    client = ComfyClient(server)
-    client_id = uuid.uuid4().hex
-    records = [JobRecord(job) for job in jobs]
-    manifest = {"server": client.server, "workflow": workflow_path, "client_id": client_id,
-                "created": time.time(), "complete": False, "jobs": []}
+class Server:
+    """One ComfyUI server: HTTP calls, its websocket, its slots, alive or dropped."""
 
-    def save():
-        manifest["jobs"] = [r.to_json() for r in records]
-        manifest["summary"] = {s: sum(r.status == s for r in records) for s in sorted({r.status for r in records})}
-        if out:
-            write_json_atomic(out, manifest)
+    def __init__(self, url: str, limit: int, session, runner: "BatchRunner"):
+        self.url, self.limit, self.session, self.runner = url, limit, session, runner
+        self.alive, self.error = True, None
+        self.in_flight = 0
+        self.queue_remaining = 0  # from the websocket's status messages: includes other clients' prompts
+        self.dead = asyncio.Event()
+        self.ws = None
+        self.ws_task = None
+        self.uploaded: dict[str, asyncio.Future] = {}
+        self.done = 0
 
-    client.check()  # unreachable server: fail before anything is queued
-    for record in records:
+    @property
+    def free(self) -> int:
+        return self.limit - max(self.in_flight, self.queue_remaining)
+
+    async def request(self, method: str, path: str, *, timeout=None, **kwargs):
+        """(HTTP status, JSON body or None); network trouble and 5xx answers raise ServerDown."""
+        aiohttp = self.runner.aiohttp
+        if self.dead.is_set():
+            raise ServerDown(f"{self.url} was dropped: {self.error}")
+        if timeout is not None:
+            kwargs["timeout"] = timeout
         try:
-            record.prompt, record.applied = apply_overrides(workflow, record.job.overrides)
-        except BatchError as err:
-            record.status, record.error = "invalid", {"message": str(err)}
-            log(f"[{record.job.id}] invalid: {err}")
-
-    ws = None
-    if use_websocket:  # connect before queueing, so no message of ours is missed
-        scheme = "wss" if client.server.startswith("https") else "ws"
+            async with self.session.request(method, self.url + path, **kwargs) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            raise ServerDown(f"{method} {path}: {type(err).__name__}: {err}") from err
+        if status >= 500:
+            raise ServerDown(f"{method} {path}: HTTP {status}")
         try:
-            ws = WebSocket(f"{scheme}{client.server[client.server.index(':'):]}/ws?clientId={client_id}")
-        except (OSError, WebSocketClosed) as err:
-            log(f"websocket unavailable ({err}); polling /history instead")
+            return status, (json.loads(raw) if raw.strip() else None)
+        except ValueError:
+            return status, None
 
-    by_prompt: dict[str, JobRecord] = {}
-    for record in records:
-        if record.prompt is None:
-            continue
-        record.submitted = time.time()
-        try:
-            prompt_id, response = client.submit(record.prompt, client_id)
-        except (OSError, urllib.error.URLError, ValueError, KeyError) as err:
-            record.status, record.error = "error", {"message": f"could not queue: {err}"}
-            log(f"[{record.job.id}] could not queue: {err}")
-            continue
-        if prompt_id is None:
-            record.status = "rejected"
-            record.error = {"message": format_rejection(response)}
-            record.node_errors = response.get("node_errors") or None
-            log(f"[{record.job.id}] rejected: {record.error['message']}")
-            continue
-        record.prompt_id, record.status = prompt_id, "queued"
-        by_prompt[prompt_id] = record
-        log(f"[{record.job.id}] queued as {prompt_id}")
-    save()
+    async def probe(self) -> bool:
+        """True when GET /queue answers (two tries, a second apart)."""
+        aiohttp = self.runner.aiohttp
+        for attempt in range(2):
+            if self.dead.is_set():
+                return False
+            try:
+                status, _ = await self.request("GET", "/queue", timeout=aiohttp.ClientTimeout(total=5))
+                if status == 200:
+                    return True
+            except ServerDown:
+                pass
+            if attempt == 0:
+                await asyncio.sleep(1.0)
+        return False
 
-    def finish(record: JobRecord) -> bool:
-        try:
-            entry = client.history(record.prompt_id)
-        except (OSError, urllib.error.URLError, ValueError) as err:
-            log(f"[{record.job.id}] /history failed ({err}); retrying")
+    async def confirm_down(self, reason: str) -> bool:
+        """After a failed call: probe; drop the server when it does not answer. True when dropped."""
+        if not self.dead.is_set() and await self.probe():
             return False
-        if entry is None:
-            return False
-        summary = summarize_history(entry)
-        record.status, record.error = summary["status"], summary["error"]
-        record.started, record.finished = summary["started"] or record.started, summary["finished"] or time.time()
-        record.outputs = collect_outputs(entry)
-        detail = f"{len(record.outputs)} file(s)" if record.status == "success" else record.error["message"]
-        log(f"[{record.job.id}] {record.status}: {detail}")
-        del by_prompt[record.prompt_id]
-        save()
+        self.drop(reason)
         return True
 
-    deadline = time.monotonic() + timeout
-    last_sweep = time.monotonic()
-    while by_prompt and time.monotonic() < deadline:
-        done_hint, text = None, None
-        if ws is not None:
-            try:
-                text = ws.recv(timeout=poll_interval)
-            except (OSError, WebSocketClosed) as err:
-                log(f"websocket lost ({err}); polling /history instead")
-                ws = None
-                continue
-            message = _parse_message(text)
-            record = by_prompt.get((message.get("data") or {}).get("prompt_id")) if message else None
-            if record is not None:
-                done_hint = _follow(record, message, workflow, log)
+    def drop(self, reason: str) -> None:
+        if self.dead.is_set():
+            return
+        self.alive, self.error = False, reason
+        self.dead.set()
+        self.runner.log(f"server {self.url} stopped answering ({reason}); its unfinished jobs go to the others")
+        self.runner.wake.set()
+
+    async def connect_websocket(self, client_id: str) -> None:
+        scheme = "wss" if self.url.startswith("https") else "ws"
+        url = f"{scheme}{self.url[self.url.index(':'):]}/ws?clientId={client_id}"
+        try:
+            self.ws = await self.session.ws_connect(url, heartbeat=self.runner.heartbeat, max_msg_size=0)
+        except (self.runner.aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            self.runner.log(f"{self.url}: websocket unavailable ({err}); polling /history instead")
+            return
+        self.ws_task = asyncio.ensure_future(self._read_websocket())
+
+    async def _read_websocket(self) -> None:
+        aiohttp = self.runner.aiohttp
+        try:
+            async for msg in self.ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    try:
+                        message = json.loads(msg.data)
+                    except ValueError:
+                        continue
+                    if isinstance(message, dict):
+                        self.runner.on_message(self, message)
+                elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass
+        if self.runner.closing:
+            return
+        self.ws, self.queue_remaining = None, 0
+        if not self.dead.is_set():
+            self.runner.log(f"{self.url}: websocket lost; polling /history instead")
+            await self.confirm_down("websocket closed and /queue does not answer")
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self.ws_task is not None:
+            self.ws_task.cancel()
+
+
+class BatchRunner:
+    """Spreads job records over servers; see the module docstring for the rules."""
+
+    def __init__(self, workflow: dict, records: list[JobRecord], manifest: dict, out: str | None, *,
+                 retries: int, poll_interval: float, use_websocket: bool, heartbeat: float, log, verbose: bool,
+                 bar):
+        self.aiohttp = _require_aiohttp()
+        self.workflow, self.records, self.manifest, self.out = workflow, records, manifest, out
+        self.retries, self.poll, self.use_websocket = retries, poll_interval, use_websocket
+        self.heartbeat, self.log, self.verbose, self.bar = heartbeat, log, verbose, bar
+        self.servers: list[Server] = []
+        self.by_prompt: dict[str, JobRecord] = {}
+        self.wake = asyncio.Event()
+        self.closing = False
+        self.file_hashes: dict[str, tuple[str, bytes]] = {}
+
+    # -- manifest
+    def save(self) -> None:
+        self.manifest["servers"] = [{"url": s.url, "limit": s.limit, "alive": s.alive, "error": s.error,
+                                     "jobs_done": s.done} for s in self.servers]
+        self.manifest["jobs"] = [r.to_json() for r in self.records]
+        statuses = [j["status"] for j in self.manifest["jobs"]]
+        self.manifest["summary"] = {s: statuses.count(s) for s in sorted(set(statuses))}
+        if self.out:
+            write_json_atomic(self.out, self.manifest)
+
+    def finish(self, record: JobRecord, status: str, error: dict | None = None) -> None:
+        record.status, record.error = status, error
+        record.finished = record.finished or time.time()
+        if status == "success":
+            detail = f"{len(record.outputs)} file(s) from {record.server}"
         else:
-            time.sleep(poll_interval)
-        # ask /history for the job the websocket reported finished, and sweep all periodically
-        # (the safety net for missed messages; /history is the authoritative result)
-        if done_hint is not None and done_hint.prompt_id in by_prompt:
-            finish(done_hint)
-        # with the websocket, sweep when it is idle (after 5 polls), or at the latest after 30 polls
-        since = time.monotonic() - last_sweep
-        if ws is None or (text is None and since >= 5 * poll_interval) or since >= 30 * poll_interval:
-            last_sweep = time.monotonic()
-            for record in list(by_prompt.values()):
-                finish(record)
-    for record in by_prompt.values():
-        record.status, record.error = "timeout", {"message": f"not finished after {timeout:.0f} s"}
-        log(f"[{record.job.id}] timeout")
-    if ws is not None:
-        ws.close()
-    manifest["complete"] = True
-    save()
-    return manifest
+            detail = (error or {}).get("message", status)
+        self.log(f"[{record.job.id}] {status}: {detail}")
+        if self.bar is not None:
+            self.bar.update(1)
+        self.save()
+
+    # -- websocket events
+    def on_message(self, server: Server, message: dict) -> None:
+        kind, data = message.get("type"), message.get("data") or {}
+        if kind == "status":
+            remaining = ((data.get("status") or {}).get("exec_info") or {}).get("queue_remaining")
+            if isinstance(remaining, int):
+                server.queue_remaining = remaining
+                self.wake.set()
+            return
+        record = self.by_prompt.get(data.get("prompt_id"))
+        if record is None:
+            return
+        if kind == "execution_start":
+            record.status, record.started = "running", data.get("timestamp", time.time() * 1000) / 1000.0
+            self.log(f"[{record.job.id}] running on {server.url}")
+        elif kind == "progress":
+            node = str(data.get("node"))
+            label = _node_label(self.workflow, node) if node in self.workflow else node
+            text = f"[{record.job.id}] {label}: {data.get('value')}/{data.get('max')}"
+            if self.verbose:
+                self.log(text)
+            if self.bar is not None:
+                self.bar.set_postfix_str(text, refresh=False)
+        elif kind in ("execution_success", "execution_error", "execution_interrupted") or (
+                kind == "executing" and data.get("node") is None):
+            record.event.set()
+
+    # -- one job on one server
+    async def _call(self, server: Server, record: JobRecord, what: str, make_call):
+        """``await make_call()``; a failure that the server survives (its /queue still answers) is retried
+        up to 3 times, otherwise the server is dropped and ServerDown propagates."""
+        for attempt in range(3):
+            try:
+                return await make_call()
+            except ServerDown as err:
+                if await server.confirm_down(str(err)) or attempt == 2:
+                    server.drop(str(err))
+                    raise
+                self.log(f"[{record.job.id}] {what} on {server.url} failed ({err}); retrying")
+                await asyncio.sleep(self.poll)
+
+    async def _upload(self, server: Server, path: str) -> str:
+        if path not in self.file_hashes:
+            with open(path, "rb") as f:
+                data = f.read()
+            self.file_hashes[path] = (upload_name(path, data), data)
+        name, data = self.file_hashes[path]
+
+        async def upload():
+            form = self.aiohttp.FormData()
+            form.add_field("image", data, filename=name, content_type="application/octet-stream")
+            form.add_field("subfolder", UPLOAD_SUBFOLDER)
+            form.add_field("type", "input")
+            form.add_field("overwrite", "true")
+            status, body = await server.request("POST", "/upload/image", data=form)
+            if status != 200 or not isinstance(body, dict) or "name" not in body:
+                raise BatchError(f"upload of {path} to {server.url} refused (HTTP {status})")
+            return f"{body.get('subfolder') or ''}/{body['name']}".lstrip("/")
+
+        if name not in server.uploaded:  # one upload per file and server, shared by concurrent jobs
+            server.uploaded[name] = asyncio.ensure_future(upload())
+        try:
+            return await asyncio.shield(server.uploaded[name])
+        except BaseException:
+            if server.uploaded[name].done():
+                server.uploaded.pop(name, None)  # failed: the next job tries again
+            raise
+
+    async def _submit(self, server: Server, record: JobRecord, prompt: dict) -> tuple[int, dict | None]:
+        """POST /prompt with our own prompt id; when the answer was lost but the server took the prompt
+        (its /queue or /history knows the id), that is a success, so a prompt is never queued twice."""
+        tries = []
+
+        async def post():
+            tries.append(1)
+            if len(tries) > 1 and (record.event.is_set() or await self._known(server, record.prompt_id)):
+                return 200, {"prompt_id": record.prompt_id}
+            return await server.request("POST", "/prompt", json={
+                "prompt": prompt, "client_id": self.manifest["client_id"], "prompt_id": record.prompt_id})
+        return await self._call(server, record, "queueing", post)
+
+    async def _known(self, server: Server, prompt_id: str) -> bool:
+        status, history = await server.request("GET", f"/history/{urllib.parse.quote(prompt_id)}")
+        if isinstance(history, dict) and prompt_id in history:
+            return True
+        status, queue = await server.request("GET", "/queue")
+        items = (queue or {}).get("queue_running", []) + (queue or {}).get("queue_pending", [])
+        return any(isinstance(i, list) and len(i) > 1 and i[1] == prompt_id for i in items)
+
+    async def _history(self, server: Server, record: JobRecord) -> dict | None:
+        async def get():
+            return await server.request("GET", f"/history/{urllib.parse.quote(record.prompt_id)}")
+        _, body = await self._call(server, record, "/history", get)
+        entry = (body or {}).get(record.prompt_id) if isinstance(body, dict) else None
+        return entry if entry and entry.get("status") is not None else None
+
+    async def execute(self, server: Server, record: JobRecord) -> None:
+        """Upload, queue, follow and collect one job on ``server``; raises ServerDown when it is dropped."""
+        prompt = copy.deepcopy(record.prompt)
+        for key, path in record.uploads.items():
+            nid, name = key.rsplit(".", 1)
+            prompt[nid]["inputs"][name] = await self._call(server, record, "upload",
+                                                           lambda p=path: self._upload(server, p))
+        record.server, record.prompt_id = server.url, uuid.uuid4().hex
+        record.event = asyncio.Event()
+        record.submitted, record.started, record.finished = time.time(), None, None
+        self.by_prompt[record.prompt_id] = record
+        status, response = await self._submit(server, record, prompt)
+        if status != 200:
+            response = response if isinstance(response, dict) else {}
+            record.node_errors = response.get("node_errors") or None
+            message = format_rejection(response) if response else f"HTTP {status}"
+            record.prompt_id = None
+            self.finish(record, "rejected", {"message": message})
+            return
+        answered = (response or {}).get("prompt_id") if isinstance(response, dict) else None
+        if answered and answered != record.prompt_id:  # a server that ignores client prompt ids
+            self.by_prompt.pop(record.prompt_id, None)
+            record.prompt_id = answered
+            self.by_prompt[answered] = record
+        record.status = "queued"
+        self.log(f"[{record.job.id}] queued on {server.url} as {record.prompt_id}")
+        self.save()
+        while True:
+            waiter = asyncio.ensure_future(record.event.wait())
+            dead = asyncio.ensure_future(server.dead.wait())
+            await asyncio.wait([waiter, dead], timeout=self.poll, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            dead.cancel()
+            if server.dead.is_set():
+                raise ServerDown(f"{server.url} was dropped: {server.error}")
+            record.event.clear()
+            entry = await self._history(server, record)
+            if entry is not None:
+                break
+        summary = summarize_history(entry)
+        record.started = summary["started"] or record.started
+        record.finished = summary["finished"] or time.time()
+        record.outputs = collect_outputs(entry)
+        if summary["status"] == "success":
+            server.done += 1
+        self.finish(record, summary["status"], summary["error"])
+
+    async def run_job(self, server: Server, record: JobRecord, pending: collections.deque) -> None:
+        try:
+            await self.execute(server, record)
+        except ServerDown as err:
+            self.by_prompt.pop(record.prompt_id, None)
+            record.attempts.append({"server": server.url, "prompt_id": record.prompt_id, "error": str(err)})
+            record.server = record.prompt_id = None
+            record.status = "pending"
+            if len(record.attempts) > self.retries:
+                self.finish(record, "error", {"message": f"{len(record.attempts)} server(s) stopped answering "
+                                                         f"while running it (--retries {self.retries})"})
+            else:
+                self.log(f"[{record.job.id}] lost with {server.url}; queued again")
+                pending.appendleft(record)
+                self.save()
+        except BatchError as err:  # an upload the server refused: the job's own input
+            self.finish(record, "error", {"message": str(err)})
+        finally:
+            if record.prompt_id is not None:
+                self.by_prompt.pop(record.prompt_id, None)
+            server.in_flight -= 1
+            self.wake.set()
+
+    # -- the batch
+    async def run(self, servers: list[tuple[str, int]], timeout: float, request_timeout: float) -> None:
+        aiohttp = self.aiohttp
+        session_timeout = aiohttp.ClientTimeout(total=request_timeout)
+        async with aiohttp.ClientSession(timeout=session_timeout, trust_env=False) as session:
+            self.servers = [Server(url, limit, session, self) for url, limit in servers]
+            answering = await asyncio.gather(*(s.probe() for s in self.servers))
+            for server, ok in zip(self.servers, answering):
+                if not ok:
+                    server.drop("not reachable at the start")
+            if not any(answering):
+                raise ServerDown(", ".join(s.url for s in self.servers))
+            if self.use_websocket:  # before queueing, so no message of ours is missed
+                await asyncio.gather(*(s.connect_websocket(self.manifest["client_id"])
+                                       for s in self.servers if s.alive))
+            pending = collections.deque(r for r in self.records if r.status == "pending")
+            self.save()
+            tasks: set = set()
+            deadline = time.monotonic() + timeout
+            try:
+                while (pending or tasks) and time.monotonic() < deadline:
+                    tasks = {t for t in tasks if not t.done()}
+                    alive = [s for s in self.servers if s.alive]
+                    if not alive:
+                        break
+                    candidates = [s for s in alive if s.free > 0]
+                    if pending and candidates:
+                        server = max(candidates, key=lambda s: s.free)  # first listed wins ties
+                        server.in_flight += 1
+                        tasks.add(asyncio.ensure_future(self.run_job(server, pending.popleft(), pending)))
+                        continue
+                    self.wake.clear()
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), timeout=min(self.poll, max(
+                            deadline - time.monotonic(), 0.01)))
+                    except asyncio.TimeoutError:
+                        pass
+            finally:
+                self.closing = True
+                for task in tasks:
+                    task.cancel()
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                for record in self.records:
+                    if record.status not in FINAL_STATUSES:
+                        if not any(s.alive for s in self.servers):
+                            self.finish(record, "error", {"message": "no server left that answers"})
+                        else:
+                            self.finish(record, "timeout", {"message": f"not finished after {timeout:.0f} s"})
+                await asyncio.gather(*(s.close() for s in self.servers), return_exceptions=True)
 
 
-def _parse_message(text: str | None) -> dict | None:
-    if text is None:
-        return None
+def prepare_records(workflow: dict, jobs: list[Job], previous: dict | None = None, log=_stderr) -> list[JobRecord]:
+    """Resolve every job's overrides (invalid ones are final) and take over --resume successes."""
+    records = []
+    for job in jobs:
+        record = JobRecord(job)
+        try:
+            record.prompt, record.applied = apply_overrides(workflow, job.overrides)
+            record.uploads = local_uploads(workflow, record.applied)
+        except BatchError as err:
+            record.status, record.error = "invalid", {"message": str(err)}
+            log(f"[{job.id}] invalid: {err}")
+        old = (previous or {}).get(job.id)
+        if (record.status == "pending" and old and old.get("status") == "success"
+                and old.get("overrides") == json.loads(json.dumps(record.applied))):
+            record.status, record.previous, record.resumed = "success", old, True
+        records.append(record)
+    return records
+
+
+def run_batch(servers, workflow: dict, jobs: list[Job], out: str | None = None, *, timeout: float = 3600.0,
+              poll_interval: float = 1.0, use_websocket: bool = True, retries: int = 2, per_server: int = 2,
+              request_timeout: float = 30.0, heartbeat: float = 20.0, resume: dict | None = None, log=_stderr,
+              verbose: bool = False, progress_bar: bool = False, workflow_path: str = "") -> dict:
+    """Run ``jobs`` over ``servers`` (URLs, or (URL, limit) pairs); returns (and writes to ``out``) the manifest.
+
+    Raises ServerDown when no server answers at the start (nothing is queued or written then)."""
+    if isinstance(servers, str):
+        servers = [servers]
+    servers = [parse_server(s, per_server) if isinstance(s, str) else tuple(s) for s in servers]
+    records = prepare_records(workflow, jobs, resume, log)
+    manifest = {"servers": [], "workflow": workflow_path, "client_id": uuid.uuid4().hex, "created": time.time(),
+                "complete": False, "jobs": []}
+    bar = None
+    if progress_bar:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=len(records), initial=sum(r.status != "pending" for r in records), unit="job",
+                       file=sys.stderr, dynamic_ncols=True)
+            plain_log = log
+            log = lambda message: bar.write(message, file=sys.stderr) if plain_log is _stderr else plain_log(message)  # noqa: E731
     try:
-        message = json.loads(text)
-    except ValueError:
-        return None
-    return message if isinstance(message, dict) else None
-
-
-def _follow(record: JobRecord, message: dict, workflow: dict, log) -> JobRecord | None:
-    """Log one websocket event of a job; returns the record when the event says the job ended."""
-    kind, data = message.get("type"), message.get("data") or {}
-    if kind == "execution_start":
-        record.status, record.started = "running", data.get("timestamp", time.time() * 1000) / 1000.0
-        log(f"[{record.job.id}] running")
-    elif kind == "progress":
-        node = str(data.get("node"))
-        label = _node_label(workflow, node) if node in workflow else node
-        log(f"[{record.job.id}] {label}: {data.get('value')}/{data.get('max')}")
-    elif kind in ("execution_success", "execution_error", "execution_interrupted"):
-        return record
-    elif kind == "executing" and data.get("node") is None:
-        return record
-    return None
+        runner = BatchRunner(workflow, records, manifest, out, retries=retries, poll_interval=poll_interval,
+                             use_websocket=use_websocket, heartbeat=heartbeat, log=log, verbose=verbose, bar=bar)
+        for record in records:
+            if record.resumed:
+                log(f"[{record.job.id}] success in the resumed manifest; skipped")
+        asyncio.run(runner.run(servers, timeout, request_timeout))
+    finally:
+        if bar is not None:
+            bar.close()
+    manifest["complete"] = True
+    runner.save()
+    return manifest
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m comfy_poe.api_batch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI base URL")
-    parser.add_argument("--workflow", required=True, help="API-format workflow JSON (Export (API))")
+def _number(kind, low, what: str, strict: bool = False):
+    """argparse type: ``kind(text)`` that is >= low (> low when ``strict``), else an error naming ``what``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _number(int, 1, "a positive integer")
+_non_negative_int = _number(int, 0, "an integer >= 0")
+_positive_float = _number(float, 0.0, "a positive number", strict=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m comfy_poe.api_batch", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+        epilog="Example:\n" + __doc__.split("\n\n")[1] + "\n\nSee docs/scale_out.md.")
+    parser.add_argument("--server", action="append", metavar="URL",
+                        help="ComfyUI base URL; repeat for several servers (default http://127.0.0.1:8188)")
+    parser.add_argument("--servers-file", metavar="FILE",
+                        help="file with one server a line: 'URL' or 'URL LIMIT' ('#' comments); adds to --server")
+    parser.add_argument("--per-server", type=_positive_int, default=2, metavar="N",
+                        help="jobs queued on a server at a time, counting its own queue (default 2: one running, "
+                             "one waiting)")
+    parser.add_argument("--workflow", required=True, help="API-format workflow JSON (ComfyUI menu: Export (API))")
     parser.add_argument("--overrides", required=True,
                         help='JSONL, one job per line: {"id": ..., "set": {"<node>.<input>": value}}')
-    parser.add_argument("--out", required=True, help="manifest JSON to write (atomically, after every job)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the whole batch")
-    parser.add_argument("--poll", type=float, default=1.0, help="seconds between /history checks")
+    parser.add_argument("--out", help="manifest JSON to write (atomically, after every change); "
+                                      "default: the --resume manifest")
+    parser.add_argument("--resume", metavar="MANIFEST",
+                        help="skip the jobs this earlier manifest lists as success with the same overrides")
+    parser.add_argument("--retries", type=_non_negative_int, default=2,
+                        help="times a job is queued again after its server stopped answering (default 2)")
+    parser.add_argument("--timeout", type=_positive_float, default=3600.0,
+                        help="seconds to wait for the whole batch")
+    parser.add_argument("--request-timeout", type=_positive_float, default=30.0,
+                        help="seconds one HTTP request may take before the server counts as not answering")
+    parser.add_argument("--poll", type=_positive_float, default=1.0, help="seconds between /history checks")
     parser.add_argument("--no-websocket", action="store_true", help="poll /history only")
     parser.add_argument("--dry-run", action="store_true",
-                        help="resolve the overrides, print the prompts (JSONL), queue nothing")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+                        help="resolve the overrides, print the prompts (JSONL), queue nothing; "
+                             "exit 1 if a job is invalid")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or lines on stderr")
+    parser.add_argument("--verbose", action="store_true", help="also print every sampling step of every job")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.out and not args.resume:
+        parser.error("--out is required (or --resume MANIFEST, which is then rewritten)")
+    out = args.out or args.resume
     try:
         workflow = load_workflow(args.workflow)
         jobs = load_jobs(args.overrides)
         if args.dry_run:
+            bad = 0
             for job in jobs:
                 try:
                     prompt, applied = apply_overrides(workflow, job.overrides)
-                    print(json.dumps({"id": job.id, "overrides": applied, "prompt": prompt}))
+                    line = {"id": job.id, "overrides": applied, "prompt": prompt}
+                    uploads = local_uploads(workflow, applied)
+                    if uploads:
+                        line["uploads"] = uploads
+                    print(json.dumps(line))
                 except BatchError as err:
+                    bad += 1
                     print(json.dumps({"id": job.id, "error": str(err)}))
-            return 0
-        manifest = run_batch(args.server, workflow, jobs, args.out, timeout=args.timeout, poll_interval=args.poll,
-                             use_websocket=not args.no_websocket, workflow_path=args.workflow,
+            if bad:
+                _stderr(f"{bad} of {len(jobs)} job(s) invalid")
+            return 1 if bad else 0
+        servers = load_servers(args.server, args.servers_file, args.per_server)
+        previous = load_resume(args.resume) if args.resume else None
+        _require_aiohttp()
+        manifest = run_batch(servers, workflow, jobs, out, timeout=args.timeout, poll_interval=args.poll,
+                             use_websocket=not args.no_websocket, retries=args.retries,
+                             request_timeout=args.request_timeout, resume=previous, workflow_path=args.workflow,
+                             verbose=args.verbose, progress_bar=not args.quiet,
                              log=(lambda _m: None) if args.quiet else _stderr)
     except BatchError as err:
         _stderr(f"error: {err}")
         return 2
-    except (urllib.error.URLError, OSError) as err:
-        _stderr(f"error: cannot reach ComfyUI at {args.server}: {err}")
+    except ServerDown as err:
+        _stderr(f"error: cannot reach ComfyUI at {err}")
         return 2
     counts = ", ".join(f"{n} {s}" for s, n in manifest["summary"].items())
-    _stderr(f"{len(jobs)} job(s): {counts}; manifest {args.out}")
+    _stderr(f"{len(jobs)} job(s): {counts}; manifest {out}")
     return 0 if all(j["status"] == "success" for j in manifest["jobs"]) else 1
 
 

@@ -259,7 +259,8 @@ def train_skill_lora(dataset, model: Optional[nn.Module], denoise: Denoise, enco
                      collate: Callable[[list], Any] = default_collate, device=None,
                      run_dir=None, resume: bool = True, export=None, metadata: Optional[dict] = None,
                      progress: Optional[Callable[[int, int, dict], None]] = None,
-                     interrupt: Optional[Callable[[], None]] = None) -> SkillTrainResult:
+                     interrupt: Optional[Callable[[], None]] = None, shard: tuple[int, int] = (0, 1),
+                     reduce_gradients=None, writer: bool = True) -> SkillTrainResult:
     """Train one skill LoRA with the plain denoising loss (see module docstring).
 
     dataset: a SkillDataset folder (its accepted pairs), a list of (image path | IMAGE, caption), or an
@@ -271,6 +272,9 @@ def train_skill_lora(dataset, model: Optional[nn.Module], denoise: Denoise, enco
         model_sampling.sigmas = the 1000 DDPM timesteps).
     run_dir: checkpoint folder (resume when the settings match); progress(step, total, record);
         interrupt() is called before every step and may raise to stop (the last checkpoint stays valid).
+    shard=(rank, world size), reduce_gradients, writer: data parallel (``python -m comfy_poe.training``): each
+        rank trains on its contiguous block of every step's batch, the loop averages the gradients over ranks,
+        only the writer rank saves checkpoints.
     """
     config = config or SkillTrainConfig()
     config.validate()
@@ -293,7 +297,7 @@ def train_skill_lora(dataset, model: Optional[nn.Module], denoise: Denoise, enco
         network = create_lora(model, config.lora_config(), seed=config.seed, device=device).attach(model)
     try:
         return _train(network, data, denoise, config, sigmas, parameterization, collate, device, run_dir, resume,
-                      export, metadata, progress, interrupt, t0)
+                      export, metadata, progress, interrupt, t0, shard, reduce_gradients, writer)
     except BaseException:
         if attached_here:  # a failed / interrupted run leaves the model as it found it
             network.detach()
@@ -301,7 +305,12 @@ def train_skill_lora(dataset, model: Optional[nn.Module], denoise: Denoise, enco
 
 
 def _train(network, data, denoise, config, sigmas, parameterization, collate, device, run_dir, resume, export,
-           metadata, progress, interrupt, t0) -> SkillTrainResult:
+           metadata, progress, interrupt, t0, shard=(0, 1), reduce_gradients=None, writer=True) -> SkillTrainResult:
+    rank, world = shard
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} (the global batch) must be a multiple of the {world} "
+                         "processes")
+    mine = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
     if device is None:
         device = next(iter(network.named_lora_parameters().values())).device
     micro = config.micro
@@ -316,6 +325,7 @@ def _train(network, data, denoise, config, sigmas, parameterization, collate, de
         g = step_generator(config.seed, step)
         idx = batch_indices(len(data), config.seed, step, config.batch_size)
         sigma, noise = draw(len(idx), data.latents.shape[1:], sigmas, g)
+        idx, sigma, noise = idx[mine], sigma[mine], noise[mine]  # this rank's rows (all of them on one process)
         parts = range(0, len(idx), micro)
         done = 0.0
         loss = None
@@ -332,14 +342,15 @@ def _train(network, data, denoise, config, sigmas, parameterization, collate, de
                 loss = part + done   # value = the whole batch's loss; gradient = the last micro-batch's
         return StepOutput(loss, {"sigma_mean": float(sigma.mean())})
 
-    store = CheckpointStore(run_dir, export, metadata) if run_dir is not None else None
+    store = CheckpointStore(run_dir, export, metadata, writer=writer) if run_dir is not None else None
     fingerprint = {"selma": {**asdict(config), "parameterization": parameterization, "pairs": len(data),
                              "sigmas": [float(sigmas.min()), float(sigmas.max()), int(sigmas.numel())]}}
     for key in ("steps", "checkpoint_every", "eval_samples"):
         fingerprint["selma"].pop(key)
     result: TrainResult = train(network, step_fn, config.loop_config(), checkpoints=store, resume=resume,
                                 fingerprint=fingerprint, progress=progress,
-                                should_stop=(lambda step: interrupt()) if interrupt is not None else None)
+                                should_stop=(lambda step: interrupt()) if interrupt is not None else None,
+                                reduce_gradients=reduce_gradients)
     after = None
     if config.eval_samples:
         after = probe_loss(denoise, data, sigmas, config.eval_samples, config.seed, parameterization, collate,

@@ -29,6 +29,15 @@ def parse(requirement: str) -> tuple[str, str | None]:
     return match.group(1).lower().replace("_", "-"), match.group(2)
 
 
+def extra_requirements(extra: str) -> list[str]:
+    """The requirements of an extra, with the pack's own extras it names (comfy-poe[a,b]) expanded."""
+    found = []
+    for requirement in PYPROJECT["project"]["optional-dependencies"][extra]:
+        own = re.fullmatch(r"comfy-poe\[([^\]]+)\]", requirement)
+        found += [r for e in own.group(1).split(",") for r in extra_requirements(e.strip())] if own else [requirement]
+    return found
+
+
 def test_requirements_txt_is_the_pyproject_dependency_list():
     assert requirement_lines(ROOT / "requirements.txt") == PYPROJECT["project"]["dependencies"]
     assert not any(parse(r)[0] == "torch" for r in PYPROJECT["project"]["dependencies"])  # ComfyUI's torch
@@ -37,10 +46,9 @@ def test_requirements_txt_is_the_pyproject_dependency_list():
 def test_every_lower_bound_is_pinned_in_the_oldest_constraints():
     pins = dict(line.split("==") for line in requirement_lines(ROOT / ".ci" / "constraints-oldest.txt"))
     pins = {name.lower().replace("_", "-"): version for name, version in pins.items()}
-    optional = PYPROJECT["project"]["optional-dependencies"]
-    # what CI installs: the nodes' dependencies and the test extra (with the digits extra it includes);
-    # other extras (hps: open_clip) are not installed by CI, so their bounds are not claimed as tested
-    requirements = PYPROJECT["project"]["dependencies"] + optional["digits"] + optional["test"]
+    # what CI installs: the nodes' dependencies and the test extra with the extras it includes; other extras
+    # (hps: open_clip) are not installed by CI, so their bounds are not claimed as tested
+    requirements = PYPROJECT["project"]["dependencies"] + extra_requirements("test")
     for requirement in requirements:
         name, lower = parse(requirement)
         if lower is None or name == "comfy-poe":

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .gflownet import (
-    FlowNetwork, dag_db_loss, dag_kl_loss, ddpo_loss, proximal_term, reward_temperature, standardised_advantages,
+    FlowNetwork, dag_db_loss, dag_kl_loss, ddpo_loss, leave_one_out_advantages, proximal_term, reward_temperature,
+    standardised_advantages,
 )
 from .lora import LoRANetwork
 from .loop import CheckpointStore, LoopConfig, StepOutput, TrainResult, step_generator, train
@@ -160,6 +161,19 @@ class RewardRolloutTrainer:
             first = next(iter(network.named_lora_parameters().values()))
             self.flow.to(device=first.device)
             self.trainable = TrainableSet(network, {"flow": self.flow})
+        # data parallel: (rank, world size), and gather(local (b/world,) tensor) -> the batch's (b,) in rank order
+        self.shard, self.gather = (0, 1), None
+
+    def batch_rows(self) -> slice:
+        rank, world = self.shard
+        b = int(self.config.batch_size)
+        return slice(rank * b // world, (rank + 1) * b // world)
+
+    def across_batch(self, fn, values: torch.Tensor, clip: float) -> torch.Tensor:
+        """``fn(values of the whole batch, clip)`` restricted to this rank's rows (batch statistics over ranks)."""
+        if self.gather is None:
+            return fn(values, clip)
+        return fn(self.gather(values), clip)[self.batch_rows()]
 
     # -- pieces ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -177,15 +191,17 @@ class RewardRolloutTrainer:
         cfg, policy = self.config, self.policy
         prompt_index = (step - 1) % len(self.prompts)
         cond = self.prompts[prompt_index]
+        mine = self.batch_rows()
         traj = rollout(policy, cond, int(cfg.batch_size), step_generator(cfg.loop.seed, step, ROLLOUT_STREAM),
-                       self.reward_fn)
+                       self.reward_fn, rows=mine)
         n, b = traj.n_steps, int(cfg.batch_size)
         k = trained_transitions(n, cfg.timestep_fraction)
         order = step_generator(cfg.loop.seed, step, ORDER_STREAM)
-        perms = torch.stack([torch.randperm(n, generator=order) for _ in range(b)])
+        perms = torch.stack([torch.randperm(n, generator=order) for _ in range(b)])[mine]
         beta = self.beta(step)
-        advantages = standardised_advantages(traj.rewards, cfg.adv_clip) if cfg.method == "ddpo" else None
-        rows = torch.arange(b)
+        advantages = (self.across_batch(standardised_advantages, traj.rewards, cfg.adv_clip)
+                      if cfg.method == "ddpo" else None)
+        rows = torch.arange(traj.rewards.shape[0])
         accumulated, last, info = 0.0, None, {"log_pf": 0.0, "flow": 0.0, "proximal": 0.0}
         for j in range(k):
             losses, parts = self.transition_losses(traj, rows, perms[:, j], prompt_index, beta, advantages)
@@ -198,7 +214,8 @@ class RewardRolloutTrainer:
             else:
                 last = slot_loss
         loss = last + accumulated  # value: the whole step's loss; gradient: the last slot (the rest is in .grad)
-        metrics = {"reward": float(traj.rewards.mean()), "reward_std": float(traj.rewards.std(unbiased=False)),
+        all_rewards = traj.rewards if self.gather is None else self.gather(traj.rewards)
+        metrics = {"reward": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
                    "beta": beta, "trajectories": float(step * b), **info}
         return StepOutput(loss, metrics)
 
@@ -225,7 +242,8 @@ class RewardRolloutTrainer:
             losses = dag_db_loss(flow_t, log_pf, log_pb, flow_s)
         else:
             losses, extra = dag_kl_loss(flow_t, log_pf, log_pb, flow_s, log_old, cfg.klpf, cfg.clip_range,
-                                        cfg.adv_clip)
+                                        cfg.adv_clip,
+                                        advantage_fn=lambda d, c: self.across_batch(leave_one_out_advantages, d, c))
             parts["policy_loss"] = extra["policy_loss"].mean()
         if cfg.unetreg > 0:
             prox = proximal_term(eps, traj.eps[rows, idx])
@@ -352,6 +370,7 @@ class PreferenceTrainer:
             raise ValueError("Diffusion-DPO needs a frozen reference model (reference=frozen_copy(model, lora, root))")
         self.reference = reference if config.method == "dpo" else None
         self._cond_cache: dict[str, Any] = {}
+        self.shard = (0, 1)  # (rank, world size): data-parallel ranks train on their rows of each step's batch
 
     def cond(self, prompt: str):
         if prompt not in self._cond_cache:
@@ -375,19 +394,24 @@ class PreferenceTrainer:
         return denoising_losses(denoised, x0, noise, sigma, self.parameterization)
 
     def draw(self, step: int):
-        """Pairs, augmentation, shared noise and timestep of training step ``step`` (seeded)."""
+        """Pairs, augmentation, shared noise and timestep of training step ``step`` (seeded).
+
+        The whole step's batch is drawn on every rank (same generator), then each rank keeps its contiguous
+        block of rows (``shard``): the ranks' mean losses average to the one-process loss of the same batch."""
         cfg, n = self.config, len(self.pairs)
         g = step_generator(cfg.loop.seed, step, PAIR_STREAM)
         b = int(cfg.batch_size)
         idx = torch.randperm(n, generator=g)[:b] if n >= b else torch.randint(0, n, (b,), generator=g)
         chosen, rejected = joint_augment(self.pairs.chosen[idx], self.pairs.rejected[idx], cfg.crop, g,
                                          cfg.flip, cfg.random_crop)
+        rank, world = self.shard
+        rows = slice(rank * b // world, (rank + 1) * b // world)
         with torch.no_grad():
-            x_w, x_l = self.encode(chosen), self.encode(rejected)
-        noise = torch.randn(x_w.shape, generator=g).to(x_w)
-        t = torch.randint(0, self.train_sigmas.numel(), (b,), generator=g)
+            x_w, x_l = self.encode(chosen[rows]), self.encode(rejected[rows])
+        noise = torch.randn((b, *x_w.shape[1:]), generator=g)[rows].to(x_w)
+        t = torch.randint(0, self.train_sigmas.numel(), (b,), generator=g)[rows]
         sigma = self.train_sigmas[t].to(x_w.device)
-        return [self.pairs.prompts[i] for i in idx.tolist()], x_w, x_l, noise, sigma
+        return [self.pairs.prompts[i] for i in idx[rows].tolist()], x_w, x_l, noise, sigma
 
     def step(self, step: int) -> StepOutput:
         cfg = self.config
@@ -432,10 +456,11 @@ class PreferenceTrainer:
                 "train_sigmas": self.train_sigmas.numel(), "parameterization": self.parameterization}
 
     def train(self, *, checkpoints: Optional[CheckpointStore] = None, resume: bool = True,
-              fingerprint: Optional[dict] = None, progress=None, should_stop=None) -> TrainResult:
+              fingerprint: Optional[dict] = None, progress=None, should_stop=None,
+              reduce_gradients=None) -> TrainResult:
         return train(self.network, self.step, self.config.loop, checkpoints=checkpoints, resume=resume,
                      fingerprint={**self.fingerprint(), **(fingerprint or {})}, progress=progress,
-                     should_stop=should_stop)
+                     should_stop=should_stop, reduce_gradients=reduce_gradients)
 
 
 __all__ = [

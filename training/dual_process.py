@@ -162,10 +162,14 @@ def sample_to(generator: Generator, noise: torch.Tensor, steps: int) -> torch.Te
 
 
 def dual_process_step(generator: Generator, judges: Sequence[DiscriminativeExpert], config: DualProcessConfig,
-                      step: int) -> StepOutput:
-    """Loss of training step ``step`` (1-based): on-policy x_i without gradient, one step with gradient."""
+                      step: int, shard: tuple[int, int] = (0, 1)) -> StepOutput:
+    """Loss of training step ``step`` (1-based): on-policy x_i without gradient, one step with gradient.
+    ``shard=(rank, world size)``: this data-parallel rank's contiguous block of the step's noises."""
     seed, b = config.loop.seed, int(config.batch_size)
     indices = [((step - 1) * b + j) % config.noise_pool for j in range(b)]
+    rank, world = shard
+    indices = indices[rank * b // world:(rank + 1) * b // world]
+    b = len(indices)
     noise = noise_batch(generator, seed, indices)
     top = generator.n_steps - 1
     if config.max_start_step is not None:
@@ -183,9 +187,11 @@ def dual_process_step(generator: Generator, judges: Sequence[DiscriminativeExper
 
 def tune(generator: Generator, judges: Sequence[DiscriminativeExpert], network: LoRANetwork,
          config: DualProcessConfig, *, checkpoints: Optional[CheckpointStore] = None, resume: bool = True,
-         fingerprint: Optional[dict] = None, progress=None, should_stop=None) -> TrainResult:
+         fingerprint: Optional[dict] = None, progress=None, should_stop=None, shard: tuple[int, int] = (0, 1),
+         reduce_gradients=None) -> TrainResult:
     """Dual-Process tuning of ``network`` (already applied to the model behind ``generator.denoise``).
-    The adapter weight is ``train_scale`` during training and ``eval_scale`` afterwards."""
+    The adapter weight is ``train_scale`` during training and ``eval_scale`` afterwards.
+    ``shard`` / ``reduce_gradients``: data parallel (see :func:`dual_process_step` and the core loop)."""
     config.validate()
     judges = check_judges(judges, generator)
     fp = {"dual_process": config.fingerprint(), "sigmas": [round(float(s), 6) for s in generator.sigmas],
@@ -193,9 +199,9 @@ def tune(generator: Generator, judges: Sequence[DiscriminativeExpert], network: 
           "judges": [j.name for j in judges], **(fingerprint or {})}
     network.scale = float(config.train_scale)
     try:
-        return train(network, lambda step: dual_process_step(generator, judges, config, step), config.loop,
+        return train(network, lambda step: dual_process_step(generator, judges, config, step, shard), config.loop,
                      checkpoints=checkpoints, resume=resume, fingerprint=fp, progress=progress,
-                     should_stop=should_stop)
+                     should_stop=should_stop, reduce_gradients=reduce_gradients)
     finally:
         network.scale = float(config.eval_scale)
 

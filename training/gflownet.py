@@ -85,13 +85,14 @@ def dag_db_loss(log_flow: torch.Tensor, log_pf: torch.Tensor, log_pb: torch.Tens
 
 def dag_kl_loss(log_flow: torch.Tensor, log_pf: torch.Tensor, log_pb: torch.Tensor, log_flow_next: torch.Tensor,
                 log_p_old: torch.Tensor, klpf: float = 1.0, clip_range: float = 1e-4,
-                adv_clip: float = 5.0) -> tuple[torch.Tensor, dict]:
+                adv_clip: float = 5.0, advantage_fn=None) -> tuple[torch.Tensor, dict]:
     """Per-transition DAG-KL loss: DB on F_φ only (log p_F detached) + klpf × the clipped REINFORCE term with
-    leave-one-out advantages of δ = sg(log F(x_{t−1}) + log p_B − log p_F − log F(x_t))."""
+    leave-one-out advantages of δ = sg(log F(x_{t−1}) + log p_B − log p_F − log F(x_t)).
+    ``advantage_fn(δ, clip)`` replaces the leave-one-out over this batch (data parallel: over all ranks' rows)."""
     log_pb = log_pb.detach()
     flow_loss = db_residual(log_flow, log_pf.detach(), log_pb, log_flow_next) ** 2
     delta = (log_flow_next + log_pb - log_pf - log_flow).detach()
-    advantages = leave_one_out_advantages(delta, adv_clip)
+    advantages = (advantage_fn or leave_one_out_advantages)(delta, adv_clip)
     policy_loss = clipped_surrogate(advantages, log_pf, log_p_old, clip_range)
     return flow_loss + klpf * policy_loss, {"flow_loss": flow_loss.detach(), "policy_loss": policy_loss.detach()}
 

@@ -131,10 +131,11 @@ class CheckpointStore:
 
     def __init__(self, folder: str | os.PathLike,
                  export: Optional[Callable[[LoRANetwork], dict]] = None,
-                 metadata: Optional[dict[str, str]] = None):
+                 metadata: Optional[dict[str, str]] = None, writer: bool = True):
         self.folder = Path(folder)
         self.export = export or (lambda net: net.export_state_dict())
         self.metadata = dict(metadata or {})
+        self.writer = writer  # False: load only (data-parallel ranks other than 0 never write)
 
     @property
     def lora_path(self) -> Path:
@@ -142,6 +143,8 @@ class CheckpointStore:
 
     def save(self, step: int, network: LoRANetwork, optimizer: torch.optim.Optimizer, history: list[dict],
              fingerprint: dict) -> Path:
+        if not self.writer:
+            return self.folder / STATE_JSON
         self.folder.mkdir(parents=True, exist_ok=True)
         names = list(network.named_lora_parameters())
         tensors = {f"param/{n}": p.detach().float() for n, p in network.named_lora_parameters().items()}
@@ -209,13 +212,16 @@ def train(network: LoRANetwork, step_fn: Callable[[int], StepOutput], config: Lo
           checkpoints: Optional[CheckpointStore] = None, resume: bool = True,
           fingerprint: Optional[dict] = None,
           progress: Optional[Callable[[int, int, dict], None]] = None,
-          should_stop: Optional[Callable[[int], None]] = None) -> TrainResult:
+          should_stop: Optional[Callable[[int], None]] = None,
+          reduce_gradients: Optional[Callable[[list[torch.Tensor]], None]] = None) -> TrainResult:
     """Run steps 1..config.steps of ``step_fn(step) -> StepOutput`` (loss with grad) on the LoRA.
 
     ``should_stop(step)`` is called before each step and may raise (e.g. ComfyUI's interruption or
     :class:`TrainingInterrupted`); ``progress(step, total, record)`` after each.  With a checkpoint store,
     a checkpoint is written every ``checkpoint_every`` steps and at the end; ``resume`` continues from
     a stored checkpoint whose fingerprint matches (a mismatch is an error naming the difference).
+    ``reduce_gradients(grads)`` runs after backward, before clipping (data-parallel: average the gradients of
+    all ranks in place, so every rank clips and steps on the same gradient).
     """
     config.validate()
     fingerprint = {"loop": config.fingerprint(), **(fingerprint or {})}
@@ -254,6 +260,12 @@ def train(network: LoRANetwork, step_fn: Callable[[int], StepOutput], config: Lo
         if not grads:
             raise RuntimeError("the loss does not depend on the LoRA parameters: no gradient reached them "
                                "(is the LoRA applied to the model the step calls?)")
+        if reduce_gradients is not None:
+            for p in params:  # every rank must hand the same list to the collective
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            reduce_gradients(grads)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         if config.grad_clip > 0:
             # one norm per group: auxiliary modules (the GFlowNet flow network) must not scale the LoRA down

@@ -188,19 +188,25 @@ class Trajectories:
 
 @torch.no_grad()
 def rollout(policy: Policy, cond, batch: int, generator: torch.Generator,
-            reward_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, callback=None) -> Trajectories:
+            reward_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, callback=None,
+            rows: Optional[slice] = None) -> Trajectories:
     """Sample ``batch`` DDPM chains for conditioning ``cond`` (all noise from ``generator``, on the CPU so
-    results do not depend on the device), storing every state, log-probability and ε̂, then the reward."""
-    shape = (int(batch),) + policy.latent_shape
+    results do not depend on the device), storing every state, log-probability and ε̂, then the reward.
+
+    ``rows``: sample only these chains of the batch (a data-parallel rank's share); the noise of the whole
+    batch is still drawn, so the chains are exactly those rows of the full batch."""
+    full = (int(batch),) + policy.latent_shape
+    rows = rows if rows is not None else slice(None)
+    shape = (len(range(full[0])[rows]),) + policy.latent_shape
     sig = policy.sigmas
     abar = alpha_bar(sig)
-    z = torch.randn(shape, generator=generator).to(device=policy.device, dtype=policy.dtype)
+    z = torch.randn(full, generator=generator)[rows].to(device=policy.device, dtype=policy.dtype)
     states, log_probs, eps_list = [z], [], []
     for i in range(policy.n_steps):
         sigma_t = torch.full((shape[0],), float(sig[i]), device=z.device, dtype=z.dtype)
         eps, _ = policy.noise_prediction(z, sigma_t, cond, guided=True)
         mean, std = ddpm_step_moments(z, eps, abar[i], abar[i + 1], policy.eta)
-        noise = torch.randn(shape, generator=generator).to(z)
+        noise = torch.randn(full, generator=generator)[rows].to(z)
         z_next = mean + std * noise
         log_probs.append(gaussian_log_prob_mean(z_next, mean, std))
         eps_list.append(eps)
