@@ -70,6 +70,8 @@ LEGACY_SEED_NAMES = ("seed", "noise_seed")
 CONTROL_VALUE = "fixed"  # "control after generate": keep the seed, so the template is reproducible
 # Frontend-only nodes that never reach the server.
 VIRTUAL_NODES = frozenset({"Note", "MarkdownNote"})
+# Widgets the frontend adds to a node on load, which /object_info does not list (PreviewAny's text preview).
+FRONTEND_WIDGET_HEIGHTS = {"PreviewAny": 72}
 
 # Layout (pixels, canvas units). Node sizes follow the frontend's own metrics (LiteGraph 1.27: title bar 30
 # drawn above ``pos``, slots 20, widgets 20 + 4 margin); sizes are a little above its ``computeSize()`` so
@@ -253,7 +255,8 @@ def api_to_ui(api: dict, object_info: dict, source_name: str = "") -> dict:
 
         ui_node = {
             "id": int(node_id), "type": node["class_type"], "pos": [0, 0],
-            "size": [NODE_WIDTH, node_height(len(sockets), len(outputs_of[node_id]), widget_specs)],
+            "size": [NODE_WIDTH, node_height(len(sockets), len(outputs_of[node_id]), widget_specs)
+                     + FRONTEND_WIDGET_HEIGHTS.get(node["class_type"], 0)],
             "flags": {}, "order": order[node_id], "mode": 0,
             "inputs": inputs, "outputs": outputs_of[node_id],
             "properties": {"Node name for S&R": node["class_type"]},
