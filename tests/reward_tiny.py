@@ -48,7 +48,7 @@ def build_clip(folder: Path, seed: int = 0, gelu: bool = False) -> Path:
     model = T.CLIPModel(config).eval()
     with torch.no_grad():  # random but not degenerate: spread the embeddings
         model.logit_scale.fill_(2.0)
-    ip = T.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ip = vlm_tiny.pil_class(T, "CLIPImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return vlm_tiny._save(Path(folder), model, T.CLIPProcessor(image_processor=ip, tokenizer=tok), f"clip seed {seed}")
 
 

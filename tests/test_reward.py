@@ -156,8 +156,9 @@ def test_prompt_matters_and_is_required(folders):
 
 
 def test_preprocess_matches_the_pil_clip_processor():
-    from transformers import CLIPImageProcessorPil
+    import transformers as T
 
+    CLIPImageProcessorPil = reward_tiny.vlm_tiny.pil_class(T, "CLIPImageProcessor")
     coarse = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(3))
     smooth = F.interpolate(coarse, size=(40, 56), mode="bilinear", align_corners=True)
     x = (smooth.permute(0, 2, 3, 1) * 255).round() / 255  # a smooth photo-like image, uint8-exact
@@ -394,7 +395,7 @@ def test_hps_conversion_matches_the_real_open_clip(tmp_path):
                            image_size=32, patch_size=8, hidden_act="gelu"),
         projection_dim=16)
     T.CLIPModel(config).save_pretrained(base)
-    ip = T.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ip = reward_tiny.vlm_tiny.pil_class(T, "CLIPImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     T.CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(base)
     result = convert(HPS, pt, tmp_path / "hps_hf", base=base)
     got = RewardJudge(load_reward_model(result.folder), PROMPT)(x)

@@ -62,7 +62,7 @@ def _tokenizer(specials: list[str], image_token: str, extra_attrs: dict | None =
     return fast
 
 
-def _pil(transformers_module, name: str):
+def pil_class(transformers_module, name: str):
     """The PIL-backed image processor class: ``<name>Pil`` in transformers 5.x, ``<name>`` in 4.x (whose
     default image processors are the PIL ones)."""
     return getattr(transformers_module, name + "Pil", None) or getattr(transformers_module, name)
@@ -124,7 +124,7 @@ def build_qwen(folder: Path, model_type: str = "qwen2_vl", image_size: int = 56,
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
     vocab = len(tok)
     pixels = image_size * image_size
-    image_processor = _pil(T, 'Qwen2VLImageProcessor')(
+    image_processor = pil_class(T, 'Qwen2VLImageProcessor')(
         size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=14, merge_size=2, temporal_patch_size=2,
     )
     head_dim = TEXT_HIDDEN // 4
@@ -181,11 +181,11 @@ def build_idefics3(folder: Path, model_type: str = "idefics3", seed: int = 0) ->
     if model_type == "smolvlm":
         config = T.SmolVLMConfig(text_config=text, vision_config=_vision(), scale_factor=2,
                                  image_token_id=tok.convert_tokens_to_ids("<image>"))
-        model_cls, ip, proc_cls = T.SmolVLMForConditionalGeneration, _pil(T, 'SmolVLMImageProcessor')(**ip_kwargs), T.SmolVLMProcessor
+        model_cls, ip, proc_cls = T.SmolVLMForConditionalGeneration, pil_class(T, 'SmolVLMImageProcessor')(**ip_kwargs), T.SmolVLMProcessor
     else:
         config = T.Idefics3Config(text_config=text, vision_config=_vision(), scale_factor=2,
                                   image_token_id=tok.convert_tokens_to_ids("<image>"))
-        model_cls, ip, proc_cls = T.Idefics3ForConditionalGeneration, _pil(T, 'Idefics3ImageProcessor')(**ip_kwargs), T.Idefics3Processor
+        model_cls, ip, proc_cls = T.Idefics3ForConditionalGeneration, pil_class(T, 'Idefics3ImageProcessor')(**ip_kwargs), T.Idefics3Processor
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     processor = _no_video(proc_cls)(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
@@ -208,7 +208,7 @@ def build_idefics2(folder: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = T.Idefics2ForConditionalGeneration(config).eval()
-    ip = _pil(T, 'Idefics2ImageProcessor')(size={"shortest_edge": 32, "longest_edge": 32}, do_image_splitting=False)
+    ip = pil_class(T, 'Idefics2ImageProcessor')(size={"shortest_edge": 32, "longest_edge": 32}, do_image_splitting=False)
     processor = T.Idefics2Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
     return _save(Path(folder), model, processor, f"idefics2 seed {seed}")
 
@@ -226,7 +226,7 @@ def build_llava(folder: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = T.LlavaForConditionalGeneration(config).eval()
-    ip = _pil(T, 'CLIPImageProcessor')(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ip = pil_class(T, 'CLIPImageProcessor')(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = T.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
                                  num_additional_image_tokens=1, chat_template=tok.chat_template)
     return _save(Path(folder), model, processor, f"llava seed {seed}")
@@ -245,7 +245,7 @@ def build_llava_onevision(folder: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = T.LlavaOnevisionForConditionalGeneration(config).eval()
-    ip = _pil(T, 'LlavaOnevisionImageProcessor')(size={"height": 32, "width": 32}, image_grid_pinpoints=[[32, 32]])
+    ip = pil_class(T, 'LlavaOnevisionImageProcessor')(size={"height": 32, "width": 32}, image_grid_pinpoints=[[32, 32]])
     processor = _no_video(T.LlavaOnevisionProcessor)(
         image_processor=ip, tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full",
         chat_template=tok.chat_template)
@@ -270,7 +270,7 @@ def build_gemma3(folder: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         projector = model.model.multi_modal_projector.mm_input_projection_weight
         projector.copy_(torch.randn(projector.shape) * 0.2)
-    ip = _pil(T, 'Gemma3ImageProcessor')(size={"height": 32, "width": 32}, do_pan_and_scan=False)
+    ip = pil_class(T, 'Gemma3ImageProcessor')(size={"height": 32, "width": 32}, do_pan_and_scan=False)
     processor = T.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=tok.chat_template)
     return _save(Path(folder), model, processor, f"gemma3 seed {seed}")
 
@@ -281,7 +281,7 @@ def build_paligemma(folder: Path, seed: int = 0) -> Path:
 
     tok = _tokenizer(["<image>"], "<image>")
     tok.chat_template = None
-    ip = _pil(T, 'SiglipImageProcessor')(size={"height": 32, "width": 32})
+    ip = pil_class(T, 'SiglipImageProcessor')(size={"height": 32, "width": 32})
     ip.image_seq_length = 16
     tok = _family_tokenizer(T.PaliGemmaProcessor, tok)
     processor = T.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds 1,152 <loc>/<seg> tokens
@@ -309,12 +309,12 @@ def build_clip(folder: Path, model_type: str = "clip", seed: int = 0) -> Path:
     if model_type == "siglip":
         config = T.SiglipConfig(text_config=text, vision_config=_vision())
         model = T.SiglipModel(config).eval()
-        processor = T.SiglipProcessor(image_processor=_pil(T, 'SiglipImageProcessor')(size={"height": 32, "width": 32}),
+        processor = T.SiglipProcessor(image_processor=pil_class(T, 'SiglipImageProcessor')(size={"height": 32, "width": 32}),
                                       tokenizer=tok)
     else:
         config = T.CLIPConfig(text_config=text, vision_config=_vision(), projection_dim=16)
         model = T.CLIPModel(config).eval()
-        ip = _pil(T, 'CLIPImageProcessor')(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        ip = pil_class(T, 'CLIPImageProcessor')(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         processor = T.CLIPProcessor(image_processor=ip, tokenizer=tok)
     return _save(Path(folder), model, processor, f"{model_type} seed {seed}")
 
