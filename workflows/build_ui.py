@@ -25,6 +25,11 @@ Frontend conventions reproduced (ComfyUI_frontend 1.27, which ComfyUI v0.3.64 pi
   template reproduces its image;
 - links are ``[id, origin_id, origin_slot, target_id, target_slot, type]``, ``version`` 0.4.
 
+Notes: Note / MarkdownNote nodes live only in the frontend (the server rejects them in a prompt), so an API
+file carries a note as ``"_meta": {"note": "<markdown>"}`` on any node (ComfyUI ignores ``_meta``); the UI twin
+gets a MarkdownNote with that text left of the graph, and ``ui_to_api`` puts a MarkdownNote's text back on the
+``_meta`` of the node recorded in its ``properties.comfy_poe_note_for``.
+
 Standard library only: it must run with any Python, outside ComfyUI's venv.
 """
 from __future__ import annotations
@@ -51,6 +56,9 @@ LEGACY_SEED_NAMES = ("seed", "noise_seed")
 CONTROL_VALUE = "fixed"  # "control after generate": keep the seed, so the template is reproducible
 # Frontend-only nodes that never reach the server.
 VIRTUAL_NODES = frozenset({"Note", "MarkdownNote"})
+
+NOTE_NODE, NOTE_KEY, NOTE_FOR = "MarkdownNote", "note", "comfy_poe_note_for"
+NOTE_SIZE = (440, 420)
 
 # Layout (pixels): columns by graph depth, nodes stacked in each column.
 COLUMN_WIDTH, ROW_GAP, ORIGIN = 420, 40, (40, 60)
@@ -232,12 +240,29 @@ def api_to_ui(api: dict, object_info: dict, source_name: str = "") -> dict:
         nodes.append(ui_node)
 
     layout(nodes, depths)
+    nodes += note_nodes(api, first_id=max((n["id"] for n in nodes), default=0) + 1, first_order=len(nodes))
     extra = {GENERATED_KEY: source_name} if source_name else {}
     return {
         "last_node_id": max((n["id"] for n in nodes), default=0),
         "last_link_id": len(links),
         "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": extra, "version": UI_VERSION,
     }
+
+
+def note_nodes(api: dict, first_id: int, first_order: int) -> list[dict]:
+    """A MarkdownNote per ``_meta.note`` of the API workflow, stacked left of the graph (column -1)."""
+    notes, y = [], ORIGIN[1]
+    for node_id in sorted(api, key=int):
+        text = (api[node_id].get("_meta") or {}).get(NOTE_KEY)
+        if not text:
+            continue
+        i = len(notes)
+        notes.append({"id": first_id + i, "type": NOTE_NODE, "pos": [ORIGIN[0] - NOTE_SIZE[0] - ROW_GAP, y],
+                      "size": list(NOTE_SIZE), "flags": {}, "order": first_order + i, "mode": 0, "inputs": [],
+                      "outputs": [], "properties": {NOTE_FOR: str(node_id)}, "widgets_values": [text],
+                      "color": "#432", "bgcolor": "#653"})
+        y += NOTE_SIZE[1] + ROW_GAP
+    return notes
 
 
 def spec_optional(specs, name: str) -> bool:
@@ -269,10 +294,13 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     for link in ui.get("links", []):
         link_id, src, src_slot, dst, dst_slot, kind = link[:6]
         links[link_id] = (src, src_slot, dst, dst_slot, kind)
-    api = {}
+    api, notes = {}, {}
     for node in sorted(ui["nodes"], key=lambda n: n["id"]):
         where = f"node {node['id']} ({node['type']})"
         if node["type"] in VIRTUAL_NODES:
+            target = (node.get("properties") or {}).get(NOTE_FOR)
+            if target is not None and node.get("widgets_values"):
+                notes[str(target)] = node["widgets_values"][0]
             continue
         if node.get("mode", 0) != 0:
             raise NotImplementedError(f"{where}: muted or bypassed nodes are not supported")
@@ -307,6 +335,9 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
             raise ValueError(f"{where}: inputs {unknown} do not exist on this node")
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
                                 "_meta": {"title": node.get("title") or info.get("display_name") or node["type"]}}
+    for target, text in notes.items():
+        if target in api:
+            api[target]["_meta"][NOTE_KEY] = text
     return api
 
 
