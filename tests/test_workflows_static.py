@@ -49,7 +49,7 @@ def test_api_workflow_is_a_valid_graph(path):
                 assert str(value[0]) in api, f"{path.name}: node {node_id} input {name!r} links to missing node {value[0]}"
                 assert value[1] >= 0
     build_ui.graph_depths(api)  # raises on cycles
-    outputs = {"SaveImage", "PreviewImage", "SaveLatent", "PreviewAny"}
+    outputs = {"SaveImage", "PreviewImage", "SaveLatent", "PreviewAny", "SaveAnimatedWEBP"}
     assert any(n["class_type"] in outputs for n in api.values()), f"{path.name}: no output node"
 
 

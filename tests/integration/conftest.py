@@ -126,7 +126,8 @@ PIXEL_INPUTS = {"EmptyLatentImage": ("width", "height"), "SolidMask": ("width", 
                 "MaskComposite": ("x", "y"), "PoESelmaSkillDataset": ("width", "height"),
                 "EmptySD3LatentImage": ("width", "height"), "EmptyHunyuanLatentVideo": ("width", "height"),
                 "CLIPTextEncodeSDXL": ("width", "height", "crop_w", "crop_h", "target_width", "target_height")}
-CPU_CAPS = {"steps": 3, "particles": 2, "mcmc_steps": 1, "batch_size": 1, "length": 5}
+CPU_CAPS = {"steps": 3, "particles": 2, "mcmc_steps": 1, "batch_size": 1, "length": 5, "trajectories": 2,
+            "rollout_steps": 2, "eval_images": 1}
 
 
 def shrink_for_cpu(prompt: dict, **caps: int) -> dict:

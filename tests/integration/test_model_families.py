@@ -96,9 +96,11 @@ def add_expert(n: dict, node_id: str, model, positive, negative, cfg: float, wei
     return node_id
 
 
-def regional_experts(family: str, files: dict, cfg: float) -> tuple[dict, dict, str]:
+def regional_experts(family: str, files: dict, cfg: float, regional: bool = True) -> tuple[dict, dict, str]:
+    """Two experts ("a red car", "a green tree"); regional: on the left / right half (video: the second one's
+    region moves per frame), else both over the whole image (a true product: total weight 2 everywhere)."""
     n, r = family_nodes(family, files)
-    left, right = half_masks(n, video=family == "wan21")
+    left, right = half_masks(n, video=family == "wan21") if regional else (None, None)
     add_expert(n, "e1", r["model"], r["pos"][0], r["neg"], cfg, mask=left, name="car")
     add_expert(n, "e2", r["model"], r["pos"][1], r["neg"], cfg, mask=right, previous="e1", name="tree")
     return n, r, "e2"
@@ -170,10 +172,10 @@ def test_regional_product_drives_core_samplers(comfy_server, model_fixtures, fam
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_feynman_kac_weights_reach_poe_sample(comfy_server, model_fixtures, family):
-    """PoE Sample on a product of two full-weight experts (no CFG: λ = 1 each, so the FK corrector is the only
-    source of weights): the capture channel hands the sampler every expert's prediction, ESS drops below the
-    particle count; outputs finite."""
-    n, r, last = regional_experts(family, model_fixtures, cfg=1.0)
+    """PoE Sample on a product of two full-weight experts over the whole image (no CFG: λ = 1 each, so the FK
+    corrector is the only source of weights; disjoint regions would sum to weight 1 and need none): the capture
+    channel hands the sampler every expert's prediction, ESS drops below the particle count; outputs finite."""
+    n, r, last = regional_experts(family, model_fixtures, cfg=1.0, regional=False)
     n["ps"] = {"class_type": "PoESample", "inputs": {"experts": [last, 0], "latent": r["latent"], "seed": 3, "steps": 3,
                                                      "scheduler": "simple", "denoise": 1.0, **SMC}}
     save_latent(n, ["ps", 0], f"{family}_fk")
