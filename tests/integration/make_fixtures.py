@@ -17,11 +17,15 @@ tiny_flux_dev       Flux (diffusion_models, BFL layout,    hidden 3072, 24 heads
 tiny_sd3            SD3 (MMDiT, diffusion_models)          hidden = 64·depth, heads = depth: depth 2
 tiny_wan21_t2v      WAN21_T2V (diffusion_models)           dim/ffn/layers read: dim 128 (1 head of 128),
                                                            ffn 256, 1 layer; text_dim stays 4096
-tiny_sdxl           SDXL (checkpoints: UNet + CLIP-L +     model_channels 320, transformer_depth
-                    CLIP-G + VAE)                          [0,0,2,2,10,10], context 2048, adm 2816 are
-                                                           matched; channel_mult is free: [1, 1, 1] (all
-                                                           levels 320 wide). CLIP-G (694 M) and CLIP-L
-                                                           are built from ComfyUI's fixed configs.
+tiny_sdxl           SDXL family: Segmind_Vega, a subclass  model_channels 320, context 2048, adm 2816 and
+                    of supported_models.SDXL (same         the per-block transformer depths are matched
+                    model_base.SDXL: pooled output, size / ([0,0,2,2,10,10] for the SDXL class itself,
+                    crop embeddings, CLIP-L + CLIP-G)      [0,0,1,1,2,2] for Vega); channel_mult is free:
+                    (checkpoints: UNet + both text         [1, 1, 1] (all levels 320 wide). The SDXL-class
+                    encoders + VAE)                        shape is 255 M UNet parameters and ran 37 s per
+                                                           step on the shared CPU; Vega's is ~3x lighter.
+                                                           CLIP-G (694 M) and CLIP-L come from ComfyUI's
+                                                           fixed configs, as for every SDXL checkpoint.
 tiny_clip_l         CLIP-L text encoder (text_encoders)    fixed config (123 M); with CLIPLoader type
                                                            sd3 it gives a 4096-wide zero-padded context
                                                            and a 2048-wide pooled vector (Flux, SD3, Wan)
@@ -30,8 +34,8 @@ tiny_ae16           16-channel VAE, Flux ``ae`` layout     fixed config (84 M): 
 tiny_wan21_vae      Wan 2.1 video VAE (vae)                fixed config (dim 96), 5-D latents
 ==================  =====================================  ==========================================
 
-Files carry ``comfy_poe_fixture`` = a hash of this script in their safetensors metadata; an existing file
-with the current hash is kept (``--force`` rebuilds). Writes go to a temp file that is renamed.
+Files carry ``comfy_poe_fixture`` = a hash of their family's config (``fixture_hash``) in their safetensors
+metadata; an existing file with the current hash is kept (``--force`` rebuilds). Writes go to a temp file that is renamed.
 
 Usage: python make_fixtures.py --comfy-dir ComfyUI [--models-dir DIR] [--only flux,sd3,...] [--force]
 Prints one JSON line per file: {"family", "path", "mib", "params", "seconds", "cached"}.
@@ -79,9 +83,9 @@ WAN21_TINY = {
 SDXL_TINY = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
     "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 1, 1],
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 2, 2], "channel_mult": [1, 1, 1],
     "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 2048,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2], "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
 AE_DDCONFIG = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
@@ -91,8 +95,16 @@ WAN_VAE = {"dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2
            "temperal_downsample": [False, True, True], "dropout": 0.0}
 
 
-def script_hash() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+BUILD_VERSION = 1  # bump when build() or init_random_() change what is written
+CONFIGS = {"flux": FLUX_DEV, "sd3": SD3_TINY, "wan21": WAN21_TINY, "sdxl": SDXL_TINY, "ae16": AE_DDCONFIG,
+           "wan21_vae": WAN_VAE, "clip_l": {}}
+
+
+def fixture_hash(family: str) -> str:
+    """Content hash of one fixture: its config, its file name and BUILD_VERSION (editing another family's
+    config does not rebuild this one)."""
+    text = json.dumps([family, FILES[family], CONFIGS[family], BUILD_VERSION], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def file_metadata(path: Path) -> dict:
@@ -177,7 +189,7 @@ def build(family: str, gen, torch, comfy):
     if family == "sdxl":
         from comfy.ldm.models.autoencoder import AutoencoderKL
         import comfy.sd
-        mc = sm.SDXL(dict(SDXL_TINY))
+        mc = sm.Segmind_Vega(dict(SDXL_TINY))
         model = mc.get_model({})
         init_random_(model.diffusion_model, gen, torch)
         clip = comfy.sd.CLIP(mc.clip_target(), embedding_directory=None)
@@ -187,7 +199,7 @@ def build(family: str, gen, torch, comfy):
         init_random_(vae, gen, torch)
         sd = cast(model.state_dict_for_saving(clip.get_sd(), vae.state_dict()), torch.float16, torch)
         del model, clip, vae
-        assert detected_class(sd, "model.diffusion_model.", comfy) == "SDXL"
+        assert detected_class(sd, "model.diffusion_model.", comfy) == "Segmind_Vega"
         return sd
     if family == "clip_l":
         import comfy.sd1_clip
@@ -236,8 +248,7 @@ def main(argv=None) -> int:
     for f in families:
         if f not in FILES:
             ap.error(f"--only: unknown family {f!r}; one of {', '.join(FAMILIES)}")
-    digest = script_hash()
-    todo = [f for f in families if a.force or not is_current(models / FILES[f][0] / FILES[f][1], digest)]
+    todo = [f for f in families if a.force or not is_current(models / FILES[f][0] / FILES[f][1], fixture_hash(f))]
     for f in families:
         if f not in todo:
             path = models / FILES[f][0] / FILES[f][1]
@@ -264,7 +275,7 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{name}.{os.getpid()}.tmp")
         try:
-            comfy.utils.save_torch_file(sd, str(tmp), metadata={FIXTURE_KEY: digest, "comment": f"random init, {family}, seed {a.seed + i}"})
+            comfy.utils.save_torch_file(sd, str(tmp), metadata={FIXTURE_KEY: fixture_hash(family), "comment": f"random init, {family}, seed {a.seed + i}"})
             os.replace(tmp, out)
         finally:
             if tmp.exists():
