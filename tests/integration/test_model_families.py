@@ -67,9 +67,10 @@ def family_nodes(family: str, files: dict, texts=("a red car", "a green tree"), 
     return n, {"model": model, "vae": vae, "pos": pos, "neg": ["6", 0], "latent": ["7", 0]}
 
 
-def half_masks(n: dict, video: bool = False) -> tuple[list, list]:
-    """Left / right half masks (pixel size). For video, the second expert's region moves: a 2-frame mask batch
-    (left half, then right half) that PoE resamples onto the latent frames (one mask per frame)."""
+def half_masks(n: dict, video: bool = False) -> tuple[list | None, list]:
+    """Left / right half masks (pixel size). For video, the first expert is the unmasked background and the
+    second expert's region moves: a 2-frame mask batch (left half, then right half) that PoE resamples onto the
+    latent frames (one mask per frame)."""
     half = SIZE // 2
     n["m0"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE}}
     n["m1"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": half, "height": SIZE}}
@@ -81,7 +82,7 @@ def half_masks(n: dict, video: bool = False) -> tuple[list, list]:
     n["iR"] = {"class_type": "MaskToImage", "inputs": {"mask": ["mR", 0]}}
     n["iLR"] = {"class_type": "ImageBatch", "inputs": {"image1": ["iL", 0], "image2": ["iR", 0]}}
     n["mLR"] = {"class_type": "ImageToMask", "inputs": {"image": ["iLR", 0], "channel": "red"}}
-    return ["mR", 0], ["mLR", 0]
+    return None, ["mLR", 0]
 
 
 def add_expert(n: dict, node_id: str, model, positive, negative, cfg: float, weight: float = 1.0,
