@@ -239,7 +239,8 @@ def proximity_judge(reference, weight: float = 1.0, mask=None, space: str = PIXE
     N(c, 1/(2·weight)) on the masked positions, flat elsewhere.
 
     ``space="pixel"``: reference is an IMAGE (H, W, C) or (1 | N, H, W, C); ``space="latent"``: a latent
-    (C, H, W) or (1 | N, C, H, W) in the sampler's latent coordinates. Shapes are checked at each call.
+    (C, H, W) or (1 | N, C, H, W) in the sampler's latent coordinates, or a video latent (1 | N, C, T, H, W)
+    (the mask then applies to every frame and r averages over frames). Shapes are checked at each call.
     """
     if space not in PROXIMITY_SPACES:
         raise ValueError(f"space must be one of {PROXIMITY_SPACES}, got {space!r}")
@@ -248,8 +249,8 @@ def proximity_judge(reference, weight: float = 1.0, mask=None, space: str = PIXE
         raise ValueError(f"reference must be a float tensor, got {ref.dtype}")
     if ref.ndim == 3:
         ref = ref[None]
-    if ref.ndim != 4:
-        layout = "(N, H, W, C)" if space == PIXEL else "(N, C, H, W)"
+    if ref.ndim != 4 and not (space == LATENT and ref.ndim == 5):
+        layout = "(N, H, W, C)" if space == PIXEL else "(N, C, H, W) or video (N, C, T, H, W)"
         raise ValueError(f"reference: expected a {space} batch {layout}, got shape {tuple(ref.shape)}")
     if not torch.isfinite(ref).all():
         raise ValueError("reference contains NaN or infinite values")
@@ -258,18 +259,20 @@ def proximity_judge(reference, weight: float = 1.0, mask=None, space: str = PIXE
     channel_dim = -1 if space == PIXEL else 1
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4:
-            raise ValueError(f"{name}: expected a 4-D {space} batch, got shape {tuple(x.shape)}")
+        if x.ndim != ref.ndim:
+            raise ValueError(f"{name}: expected a {ref.ndim}-D {space} batch, got shape {tuple(x.shape)}")
         c = ref.to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
         if c.shape[1:] != x.shape[1:] or c.shape[0] not in (1, x.shape[0]):
             what = "image (N, H, W, C)" if space == PIXEL else "latent (N, C, H, W)"
             raise ValueError(
                 f"{name}: reference {what} shape {tuple(c.shape)} does not match the samples {tuple(x.shape)}; "
                 f"resize the reference to the generated size (batch 1 or {x.shape[0]})")
-        sq = ((x - c) ** 2).sum(channel_dim)  # (N, H, W)
+        sq = ((x - c) ** 2).sum(channel_dim)  # (N, H, W), video (N, T, H, W)
         if base is None:
             return sq.flatten(1).mean(1).neg()
-        m = resize_mask(base, sq.shape[1], sq.shape[2], sq)
+        m = resize_mask(base, sq.shape[-2], sq.shape[-1], sq)
+        if sq.ndim == 4:  # video: the same mask on every frame, mean over frames
+            return torch.stack([_masked_mean(sq[:, t], m) for t in range(sq.shape[1])], 1).mean(1).neg()
         return _masked_mean(sq, m).neg()
 
     info = {"space": space, "masked": base is not None, "reference_shape": tuple(ref.shape)}

@@ -172,6 +172,22 @@ def in_latent_space(judge, base_model):
     return dataclasses.replace(judge, fn=lambda x0: fn(base_model.process_latent_out(x0)))
 
 
+def per_frame(judge):
+    """Pixel judges score images (N, H, W, C); a video VAE decodes to (N, T, H, W, C): score every frame and
+    average over frames (one log-potential per particle)."""
+    if judge.space != PIXEL:
+        return judge
+    fn = judge.fn
+
+    def video_fn(x):
+        if x.ndim != 5:
+            return fn(x)
+        n, t = x.shape[:2]
+        return fn(x.reshape(n * t, *x.shape[2:])).reshape(n, t).mean(1)
+
+    return dataclasses.replace(judge, fn=video_fn)
+
+
 def make_smc_sampler(options: dict, judges: Optional[list] = None, vae=None, report: Optional[SMCReport] = None):
     """KSAMPLER around the engine's sample_poe_smc, with ComfyUI decode, interruption and model type."""
     judges = list(judges or [])
@@ -183,7 +199,7 @@ def make_smc_sampler(options: dict, judges: Optional[list] = None, vae=None, rep
             decode = lambda x0: vae.decode(base_model.process_latent_out(x0)).to(x0.device)
         return sample_poe_smc(
             model, x, sigmas, extra_args, callback, disable,
-            judges=[in_latent_space(j, base_model) for j in judges], decode=decode,
+            judges=[per_frame(in_latent_space(j, base_model)) for j in judges], decode=decode,
             parameterization=parameterization_of(base_model.model_sampling),
             interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
             report=report, **options,

@@ -268,3 +268,17 @@ def test_inference_mode_inputs_still_differentiable():
     for judge in judges:
         g = grad_of(judge, x)
         assert torch.isfinite(g).all() and g.abs().sum() > 0, judge.name
+
+
+def test_proximity_latent_video_takes_5d_latents_with_the_mask_on_every_frame():
+    ref = torch.zeros(1, 16, 3, 4, 4)
+    x = torch.zeros(2, 16, 3, 4, 4)
+    x[1, :, :, :, :2] = 1.0  # left half off by 1 in every channel and frame
+    judge = proximity_judge(ref, space=LATENT)
+    assert torch.allclose(judge.fn(x), torch.tensor([0.0, -8.0]))  # 16 channels · half the positions
+    right = torch.zeros(4, 4)
+    right[:, 2:] = 1.0
+    masked = proximity_judge(ref, mask=right, space=LATENT)
+    assert torch.allclose(masked.fn(x), torch.tensor([0.0, 0.0]))
+    with pytest.raises(ValueError, match="5-D"):
+        judge.fn(torch.zeros(2, 16, 4, 4))

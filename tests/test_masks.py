@@ -29,6 +29,20 @@ def test_video_latents_get_the_mask_on_every_frame():
     assert m.shape == (1, 1, 5, 8, 8)
 
 
+def test_video_latents_take_one_mask_per_frame():
+    """A mask batch on a 5-D latent is per frame: k = T exactly, k = 4(T-1)+1 pixel frames resampled in time."""
+    per_latent_frame = torch.stack([torch.full((8, 8), float(t)) for t in range(5)]) / 4
+    m = prepare_mask(per_latent_frame, (2, 16, 5, 8, 8))
+    assert m.shape == (1, 1, 5, 8, 8)
+    assert torch.allclose(m[0, 0, :, 3, 3], torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    pixel_frames = torch.zeros(17, 16, 16)
+    pixel_frames[8:] = 1.0  # second half of the clip: region on
+    m = prepare_mask(pixel_frames, (1, 16, 5, 8, 8))
+    assert m.shape == (1, 1, 5, 8, 8)
+    assert m[0, 0, :2].max() == 0 and m[0, 0, 2:].min() == 1  # latent frame t <- pixel frame 4t
+    assert prepare_mask(pixel_frames, (1, 16, 1, 8, 8)).shape == (1, 1, 1, 8, 8)
+
+
 def test_bad_mask_rank_is_refused():
     with pytest.raises(ValueError, match="mask must be"):
         prepare_mask(torch.ones(1, 1, 8, 8), (1, 4, 8, 8))

@@ -49,7 +49,7 @@ def test_api_workflow_is_a_valid_graph(path):
                 assert str(value[0]) in api, f"{path.name}: node {node_id} input {name!r} links to missing node {value[0]}"
                 assert value[1] >= 0
     build_ui.graph_depths(api)  # raises on cycles
-    outputs = {"SaveImage", "PreviewImage", "SaveLatent", "PreviewAny"}
+    outputs = {"SaveImage", "PreviewImage", "SaveLatent", "PreviewAny", "SaveAnimatedWEBP"}
     assert any(n["class_type"] in outputs for n in api.values()), f"{path.name}: no output node"
 
 
@@ -86,7 +86,11 @@ def test_ui_workflow_is_consistent(path):
 def test_ui_twin_describes_the_same_graph(path):
     """Same nodes, types, titles, links and constants: catches an API edit without regenerating."""
     api, ui = _load(path), _load(build_ui.ui_twin_path(path))
-    nodes = {str(n["id"]): n for n in ui["nodes"]}
+    nodes = {str(n["id"]): n for n in ui["nodes"] if n["type"] not in build_ui.VIRTUAL_NODES}
+    notes = {n["properties"][build_ui.NOTE_FOR]: n["widgets_values"][0]
+             for n in ui["nodes"] if n["type"] in build_ui.VIRTUAL_NODES and build_ui.NOTE_FOR in n.get("properties", {})}
+    assert notes == {k: v["_meta"]["note"] for k, v in api.items() if v.get("_meta", {}).get("note")}, \
+        f"{path.name}: notes differ from the UI twin"
     assert set(nodes) == set(api), f"{path.name}: node ids differ from the UI twin"
     for node_id, node in api.items():
         assert nodes[node_id]["type"] == node["class_type"], f"{path.name}: node {node_id} type"
@@ -166,3 +170,16 @@ def test_thumbnail_beside_every_ui_workflow():
         thumb = path.with_suffix(".jpg")
         assert thumb.exists(), f"{path.name}: no {thumb.name}; run workflows/check_frontend.py --thumbnails"
         assert thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name} is not a JPEG"
+
+
+def test_notes_travel_as_meta_in_api_files_and_as_markdown_notes_in_ui_twins():
+    """A ``_meta.note`` becomes a MarkdownNote (a frontend-only node) in the UI twin and comes back on export."""
+    object_info = {"Src": {"input": {"required": {"n": ["INT", {"default": 1}]}}, "output": ["LATENT"], "output_name": ["latent"]}}
+    api = {"1": {"class_type": "Src", "inputs": {"n": 3}, "_meta": {"title": "Src", "note": "## Files\nput x in models/y"}}}
+    ui = build_ui.api_to_ui(api, object_info, "t_api.json")
+    note = next(n for n in ui["nodes"] if n["type"] == "MarkdownNote")
+    assert note["widgets_values"] == ["## Files\nput x in models/y"] and note["properties"][build_ui.NOTE_FOR] == "1"
+    assert note["id"] not in api and note["inputs"] == [] and note["outputs"] == []
+    back = build_ui.ui_to_api(ui, object_info)
+    assert set(back) == {"1"} and back["1"]["_meta"]["note"] == api["1"]["_meta"]["note"]
+    assert build_ui.strip_meta(back) == build_ui.strip_meta(api)

@@ -44,6 +44,11 @@ Frontend conventions reproduced (ComfyUI_frontend 1.27, which ComfyUI v0.3.64 pi
 - groups are ``{"id", "title", "bounding": [x, y, w, h], "color", "font_size", "flags"}``; a node's ``pos``
   is the top-left of its body, its 30-pixel title bar is drawn above it.
 
+Notes: Note / MarkdownNote nodes live only in the frontend (the server rejects them in a prompt), so an API
+file carries a note as ``"_meta": {"note": "<markdown>"}`` on any node (ComfyUI ignores ``_meta``); the UI twin
+gets a MarkdownNote with that text left of the graph, and ``ui_to_api`` puts a MarkdownNote's text back on the
+``_meta`` of the node recorded in its ``properties.comfy_poe_note_for``.
+
 Standard library only: it must run with any Python, outside ComfyUI's venv.
 """
 from __future__ import annotations
@@ -89,6 +94,10 @@ CATEGORY_STAGES = (("loaders", "Models"), ("advanced/loaders", "Models"), ("cond
                    ("mask", "Masks"), ("poe/judges", "Judges"), ("poe/sampling", "Product of experts"),
                    ("sampling", "Sampling"), ("poe/lora", "LoRA merge"), ("poe/training", "Training"),
                    ("poe/selma", "SELMA"), ("latent", "Latent"), ("image", "Images"))
+# Notes (``_meta.note`` in an API file) become MarkdownNotes stacked left of the graph.
+NOTE_NODE, NOTE_KEY, NOTE_FOR = "MarkdownNote", "note", "comfy_poe_note_for"
+NOTE_SIZE = (440, 420)
+NOTE_STAGE = "Read me: files and folders"
 
 
 # --------------------------------------------------------------------------- object_info helpers
@@ -267,18 +276,38 @@ def api_to_ui(api: dict, object_info: dict, source_name: str = "") -> dict:
             ui_node["title"] = title
         nodes.append(ui_node)
 
+    notes = note_nodes(api, first_id=max((n["id"] for n in nodes), default=0) + 1, first_order=len(nodes))
     stages = {node_id: node_stage(node_id, api, object_info) for node_id in ids}
-    groups = layout(nodes, depths, stages)
+    for note in notes:  # the notes get a group of their own, read first
+        stages[str(note["id"])], depths[str(note["id"])] = NOTE_STAGE, -1
+    groups = layout(nodes + notes, depths, stages)
     titles = [n.get("title") or object_info[n["type"]].get("display_name") or n["type"] for n in nodes]
     for title in sorted({t for t in titles if titles.count(t) > 1}):
         print(f"warning: {source_name or 'workflow'}: {titles.count(title)} nodes are titled {title!r}; "
               "give them distinct _meta.title values in the API file", file=sys.stderr)
+    nodes += notes
     extra = {GENERATED_KEY: source_name} if source_name else {}
     return {
         "last_node_id": max((n["id"] for n in nodes), default=0),
         "last_link_id": len(links),
         "nodes": nodes, "links": links, "groups": groups, "config": {}, "extra": extra, "version": UI_VERSION,
     }
+
+
+def note_nodes(api: dict, first_id: int, first_order: int) -> list[dict]:
+    """A MarkdownNote per ``_meta.note`` of the API workflow (positions are set by :func:`layout`)."""
+    notes, y = [], ORIGIN[1]
+    for node_id in sorted(api, key=int):
+        text = (api[node_id].get("_meta") or {}).get(NOTE_KEY)
+        if not text:
+            continue
+        i = len(notes)
+        notes.append({"id": first_id + i, "type": NOTE_NODE, "pos": [ORIGIN[0] - NOTE_SIZE[0] - GROUP_GAP, y],
+                      "size": list(NOTE_SIZE), "flags": {}, "order": first_order + i, "mode": 0, "inputs": [],
+                      "outputs": [], "properties": {NOTE_FOR: str(node_id)}, "widgets_values": [text],
+                      "color": "#432", "bgcolor": "#653"})
+        y += NOTE_SIZE[1] + TITLE_HEIGHT + NODE_GAP
+    return notes
 
 
 def spec_optional(specs, name: str) -> bool:
@@ -429,10 +458,13 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     for link in ui.get("links", []):
         link_id, src, src_slot, dst, dst_slot, kind = link[:6]
         links[link_id] = (src, src_slot, dst, dst_slot, kind)
-    api = {}
+    api, notes = {}, {}
     for node in sorted(ui["nodes"], key=lambda n: n["id"]):
         where = f"node {node['id']} ({node['type']})"
         if node["type"] in VIRTUAL_NODES:
+            target = (node.get("properties") or {}).get(NOTE_FOR)
+            if target is not None and node.get("widgets_values"):
+                notes[str(target)] = node["widgets_values"][0]
             continue
         if node.get("mode", 0) != 0:
             raise NotImplementedError(f"{where}: muted or bypassed nodes are not supported")
@@ -467,6 +499,9 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
             raise ValueError(f"{where}: inputs {unknown} do not exist on this node")
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
                                 "_meta": {"title": node.get("title") or info.get("display_name") or node["type"]}}
+    for target, text in notes.items():
+        if target in api:
+            api[target]["_meta"][NOTE_KEY] = text
     return api
 
 

@@ -123,8 +123,11 @@ def shipped_api_workflows() -> list[Path]:
 # Shipped workflows carry real SD1.5 values (512-768 px, 20+ steps); on the tiny CPU checkpoint we keep
 # their graph and aspect ratios but shrink sizes 8x and cut steps and particles.
 PIXEL_INPUTS = {"EmptyLatentImage": ("width", "height"), "SolidMask": ("width", "height"),
-                "MaskComposite": ("x", "y"), "PoESelmaSkillDataset": ("width", "height")}
-CPU_CAPS = {"steps": 3, "particles": 2, "mcmc_steps": 1, "batch_size": 1}
+                "MaskComposite": ("x", "y"), "PoESelmaSkillDataset": ("width", "height"),
+                "EmptySD3LatentImage": ("width", "height"), "EmptyHunyuanLatentVideo": ("width", "height"),
+                "CLIPTextEncodeSDXL": ("width", "height", "crop_w", "crop_h", "target_width", "target_height")}
+CPU_CAPS = {"steps": 3, "particles": 2, "mcmc_steps": 1, "batch_size": 1, "length": 5, "trajectories": 2,
+            "rollout_steps": 2, "eval_images": 1}
 
 
 def shrink_for_cpu(prompt: dict, **caps: int) -> dict:
@@ -140,6 +143,66 @@ def shrink_for_cpu(prompt: dict, **caps: int) -> dict:
         for name, cap in caps.items():
             if isinstance(inputs.get(name), int) and not isinstance(inputs.get(name), bool):
                 inputs[name] = min(inputs[name], cap)
+    return prompt
+
+
+# --------------------------------------------------------------------------- model families
+# Tiny random models of every family (built by make_fixtures.py into the server's models folders) and the
+# file names users have, so shipped workflows (real names) run on the fixtures.
+
+FIXTURE_FILES = {  # family -> file name in its models folder (as make_fixtures.py writes it)
+    "flux": "tiny_flux_dev.safetensors", "sd3": "tiny_sd3.safetensors", "wan21": "tiny_wan21_t2v.safetensors",
+    "sdxl": "tiny_sdxl.safetensors", "clip_l": "tiny_clip_l.safetensors", "ae16": "tiny_ae16.safetensors",
+    "wan21_vae": "tiny_wan21_vae.safetensors",
+}
+# A lone CLIP-L through CLIPLoader type "sd3" gives a 4096-wide (zero-padded) context and a 2048-wide pooled
+# vector: what the tiny Flux, SD3 and Wan fixtures take, so no T5 / UMT5 (4.7 B / 5.7 B parameters) is needed.
+TINY_TEXT_ENCODER = {"class_type": "CLIPLoader",
+                     "inputs": {"clip_name": FIXTURE_FILES["clip_l"], "type": "sd3", "device": "default"}}
+
+
+def fixture_for_file(name: str) -> str | None:
+    """The fixture family standing in for a user's model file name (None: not a family file we swap)."""
+    n = name.lower()
+    if n.startswith("tiny"):
+        return None
+    if "flux" in n:
+        return "flux"
+    if "wan" in n and "vae" in n:
+        return "wan21_vae"
+    if "wan" in n:
+        return "wan21"
+    if "sd3" in n:
+        return "sd3"
+    if n in ("ae.safetensors", "ae.sft") or "flux_vae" in n or "sd3_vae" in n:
+        return "ae16"
+    if "xl" in n:
+        return "sdxl"
+    return None
+
+
+def use_tiny_models(prompt: dict, sd15_checkpoint: str | None = None) -> dict:
+    """Point a workflow written with users' file names at the tiny fixtures, in place:
+    UNETLoader (flux1-dev / schnell, sd3, wan2.1 …) -> the tiny diffusion model of that family; DualCLIPLoader /
+    TripleCLIPLoader / CLIPLoader (t5xxl, clip_l, umt5 …) -> CLIPLoader(tiny CLIP-L, type sd3); VAELoader (ae,
+    wan_2.1_vae …) -> the tiny VAE; CheckpointLoaderSimple: SDXL names -> tiny SDXL, others -> ``sd15_checkpoint``."""
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "UNETLoader" and fixture_for_file(inputs.get("unet_name", "")):
+            inputs["unet_name"] = FIXTURE_FILES[fixture_for_file(inputs["unet_name"])]
+            inputs["weight_dtype"] = "default"
+        elif kind in ("DualCLIPLoader", "TripleCLIPLoader", "CLIPLoader"):
+            names = [v for k, v in inputs.items() if k.startswith("clip_name") and isinstance(v, str)]
+            if not all(n.startswith("tiny") for n in names):
+                node["class_type"] = TINY_TEXT_ENCODER["class_type"]
+                node["inputs"] = dict(TINY_TEXT_ENCODER["inputs"])
+        elif kind == "VAELoader" and fixture_for_file(inputs.get("vae_name", "")):
+            inputs["vae_name"] = FIXTURE_FILES[fixture_for_file(inputs["vae_name"])]
+        elif kind == "CheckpointLoaderSimple" and isinstance(inputs.get("ckpt_name"), str):
+            if fixture_for_file(inputs["ckpt_name"]) == "sdxl":
+                inputs["ckpt_name"] = FIXTURE_FILES["sdxl"]
+            elif sd15_checkpoint is not None:
+                inputs["ckpt_name"] = sd15_checkpoint
     return prompt
 
 
@@ -354,10 +417,26 @@ def tiny_checkpoint_name(comfy_server) -> str:
     return sorted(names)[0]
 
 
+@pytest.fixture(scope="session")
+def model_fixtures(comfy_server) -> dict:
+    """Family -> file name of the tiny random models (Flux, SD3, Wan 2.1, SDXL, CLIP-L, VAEs), built once into
+    the server's models folders by make_fixtures.py (in ComfyUI's venv; kept while its content hash matches)."""
+    cmd = [comfy_server.python, str(INTEGRATION_DIR / "make_fixtures.py"), "--comfy-dir", str(comfy_server.comfy_dir)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        pytest.fail(f"make_fixtures.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    built = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    print(f"model fixtures ready in {time.monotonic() - t0:.0f}s: " +
+          ", ".join(f"{b['family']} {b['mib']} MiB{' (cached)' if b.get('cached') else ''}" for b in built))
+    return dict(FIXTURE_FILES)
+
+
 @pytest.fixture
-def api_workflow(tiny_checkpoint_name):
-    """``api_workflow(path) -> prompt`` with every checkpoint pointed at the tiny checkpoint."""
-    return lambda path: load_api_workflow(path, tiny_checkpoint_name)
+def api_workflow(tiny_checkpoint_name, model_fixtures):
+    """``api_workflow(path) -> prompt`` with every model file pointed at its tiny fixture (SD1.5 checkpoints at
+    the tiny SD1.5, SDXL / Flux / SD3 / Wan files and their text encoders and VAEs at :func:`use_tiny_models`)."""
+    return lambda path: use_tiny_models(load_api_workflow(path), tiny_checkpoint_name)
 
 
 @pytest.fixture
