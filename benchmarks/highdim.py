@@ -52,8 +52,9 @@ METHODS = {
     "fk Λ hutchinson": dict(proposal="lambda", trace="hutchinson", guard="off"),
     "default": dict(),
     "default hutchinson": dict(trace="hutchinson"),
+    "default guard 0.5": dict(guard_diversity=0.5),
 }
-MAIN_METHODS = ("naive", "naive Λ-aware", "fk summed (old default)", "fk summed clip±1", "fk Λ hutchinson", "default",
+MAIN_METHODS = ("naive", "naive Λ-aware", "fk summed (old default)", "fk summed clip±1", "fk Λ exact", "default",
                 "default hutchinson")
 # element 0 of experts A and B: (means, variances, weights); the product puts 0.13 of its mass on the upper
 # mode, naive score summing about 0.45 (a wide mode in both experts against a narrow one in both)
@@ -272,9 +273,11 @@ def main(argv=None):
     ap.add_argument("--items", type=int, default=8, help="independent batch items per run (seeds of the population)")
     ap.add_argument("--levels", type=int, default=60, help="noise levels")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--float32-above", type=int, default=100000, help="use float32 states above this many elements")
+    ap.add_argument("--float32-above", type=int, default=8192, help="use float32 states above this many elements")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="write every row (with per-item errors) to this file")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     methods = ["exact"] + [m for m in args.methods.split(",") if m]
     for m in methods[1:]:
         if m not in METHODS:

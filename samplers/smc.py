@@ -16,7 +16,9 @@ with y = x / (1-σ), σ_ve = σ / (1-σ) (reference poe_smc.md). One level t of 
   4. K MCMC steps at σ_t: ULA (paper) or MALA with the trapezoid score-integral energy estimate
          log π(y') − log π(y) ≈ ½ (S(y) + S(y'))·(y' − y).
 The paper's Algorithm 1 is reproduced with ``fk_correction="off", weighting="paper", eta=0,
-mcmc="ula"`` (:data:`PRESETS` ``["paper"]``).
+mcmc="ula", proposal="summed"`` (:data:`PRESETS` ``["paper"]``). At latent size the default moves with the
+experts' consensus at noise σ/√Λ (``proposal="lambda"``, :func:`fk_lambda_numerator`), resamples per batch
+item and has a collapse guard; ``PRESETS["fk_summed"]`` keeps the FK-corrector paper's summed-score sampler.
 
 Per-expert predictions arrive through the capture channel of :mod:`comfy_poe.experts.generative`;
 a model that does not fill it is a single expert (no generative correction needed).
@@ -42,9 +44,16 @@ TEMPERINGS = ("constant", "linear", "capped")
 
 PRESETS = {
     # Zhang et al. 2025, Algorithm 1: Euler init kernel, ULA, resample every level on the current reward.
-    "paper": dict(fk_correction="off", weighting="paper", eta=0.0, mcmc="ula", selection="argmax", tempering="constant"),
-    # Principled default: Feynman-Kac corrector weights, difference potentials, ESS-triggered resampling.
-    "fk": dict(fk_correction="full", weighting="incremental", eta=1.0, mcmc="mala", selection="auto", tempering="capped"),
+    "paper": dict(fk_correction="off", weighting="paper", eta=0.0, mcmc="ula", selection="argmax", tempering="constant",
+                  proposal="summed", guard="off"),
+    # Principled default: Feynman-Kac corrector weights for the Λ-aware proposal, difference potentials,
+    # ESS-triggered per-item resampling, collapse guard (docs/sampler_high_dimension.md).
+    "fk": dict(fk_correction="full", weighting="incremental", eta=1.0, mcmc="mala", selection="auto", tempering="capped",
+               proposal="lambda", trace="auto", guard="fallback"),
+    # The FK-corrector paper's sampler as it was the default before: summed-score SDE, no guard (Skreta et al. 2025).
+    "fk_summed": dict(fk_correction="full", weighting="incremental", eta=1.0, proposal="summed", guard="off"),
+    # The FK-corrector authors' image recipe: per-level increments centred and clipped, resampling every level.
+    "fkc_clipped": dict(fk_correction="full", weighting="incremental", eta=1.0, proposal="summed", guard="off", fk_clip=1.0),
 }
 
 
@@ -232,6 +241,7 @@ class _Eval:
     num: torch.Tensor  # FK corrector numerator per particle
     lam: Optional[torch.Tensor]  # Λ per element, None for a plain model
     x0: torch.Tensor  # what judges score: consensus D̄ of the experts (D for a plain model)
+    elem: Optional[torch.Tensor] = None  # per-element FK numerator (N, d) when FK weights were computed
 
 
 class _Evaluator:
@@ -334,7 +344,7 @@ class _Evaluator:
         x, s = self.native(y, s_ve) if x_native is None else (x_native, 1.0)
         n = x.shape[0]
         step = self.chunk or n
-        outs, nums, lams, consensus = [], [], [], []
+        outs, nums, lams, consensus, elems = [], [], [], [], []
         traced = False
         for start in range(0, n, step):
             xc = x[start:start + step]
@@ -353,10 +363,13 @@ class _Evaluator:
                         tr = self._trace_term(ref, s_ve, s, preds, comps, lam)
                         traced = traced or self.trace_source == "hutchinson"
                     num = fk_lambda_numerator(spread, tr)
+                    elems.append(-0.5 * (spread if tr is None else spread + tr).reshape(xc.shape[0], -1))
                 else:
-                    fk_num, lam, d_bar = fk_product_numerator(ref, comps)
+                    lam, d_bar, spread = fk_consensus(comps, ref)
                     if fk_here:
-                        num = fk_num
+                        elem = 0.5 * (lam * (lam - 1) * (d_bar - ref.to(torch.float64)) ** 2 - spread)
+                        elems.append(elem.reshape(xc.shape[0], -1))
+                        num = elem.reshape(xc.shape[0], -1).sum(1)
                 lams.append(lam)
                 x0 = d_bar.to(denoised.dtype)
             nums.append(num)
@@ -368,7 +381,8 @@ class _Evaluator:
                 self.trace_calls += self.trace_probes
         self.particle_evals += n * (1 + (self.trace_probes if traced else 0))
         lam = torch.cat(lams) if len(lams) == len(outs) else None
-        return _Eval(torch.cat(outs), torch.cat(nums), lam, torch.cat(consensus))
+        elem = torch.cat(elems) if len(elems) == len(outs) else None
+        return _Eval(torch.cat(outs), torch.cat(nums), lam, torch.cat(consensus), elem)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,8 +424,8 @@ def sample_poe_smc(
     trace: str = "auto",
     trace_probes: int = 1,
     guard: str = "fallback",
-    guard_ess: float = 0.05,
-    guard_levels: int = 3,
+    guard_diversity: float = 0.7,
+    guard_dims: float = 64.0,
     fk_clip: Optional[float] = None,
 ) -> torch.Tensor:
     """Sample a product of experts with SMC; k-diffusion signature (ComfyUI KSAMPLER wraps it as is).
@@ -437,16 +451,21 @@ def sample_poe_smc(
     reverse SDE of the summed score (Skreta et al. 2025, the paper-faithful corrector). trace: the Λ-aware
     weights' posterior-covariance term, "auto" (exact when the model gives posterior variances, else
     Hutchinson), "exact", "hutchinson" (``trace_probes`` extra model calls per level, counted) or "off".
-    guard "fallback" | "off": when an item's FK weights stay degenerate (ESS − 1 < guard_ess·(L − 1) at
-    ``guard_levels`` consecutive levels) its FK weights are switched off from there (the proposal continues
-    unweighted) and the report says so. fk_clip c: the FK-corrector authors' image recipe, the per-level FK
+    guard "fallback" | "off": every resampling driven by the FK weights keeps (1 − 1/ESS_FK)/(1 − 1/L) of the
+    population's diversity (n effective draws keep 1 − 1/n of the variance); a resampling that would bring an
+    item's retained share (the product over its resamplings) below ``guard_diversity`` is not made: that
+    item's FK weights are dropped and switched off from there (the proposal continues unweighted, judges
+    keep weighting) and the report says so. The same happens when the weights' spread across particles is
+    carried by more than ``guard_dims`` latent elements (participation ratio of the per-element FK
+    numerators): a correction spread over that many elements is noise that L particles cannot resolve
+    (measured: experts that differ in every element at d ≥ 1,024). fk_clip c: the FK-corrector authors' image recipe, the per-level FK
     increment centred across particles and clipped to [−c, c], resampling at every level (stable, biased).
     Resampling decisions are per batch item: one item's degenerate weights never resample another's.
     Returns (B, ...) for argmax / sample, (B·L, ...) item-major for resample / all.
     """
     _check_options(particles, mcmc_steps, mcmc, fk_correction, weighting, tempering, resampling, ess_threshold,
                    resample_every, selection, step_scale, eta, sigmas, x)
-    _check_new_options(proposal, trace, trace_probes, guard, guard_ess, guard_levels, fk_clip)
+    _check_new_options(proposal, trace, trace_probes, guard, guard_diversity, guard_dims, fk_clip)
     extra_args = dict(extra_args or {})
     param = canonical_parameterization(parameterization or getattr(model, "parameterization", None) or "eps")
     flow = is_flow(param)
@@ -458,8 +477,8 @@ def sample_poe_smc(
     report.options = dict(particles=particles, eta=eta, mcmc_steps=mcmc_steps, mcmc=mcmc, step_scale=step_scale,
                           adapt_step=adapt_step, fk_correction=fk_correction, weighting=weighting, resampling=resampling,
                           ess_threshold=ess_threshold, twist=twist, selection=selection, seed=seed, proposal=proposal,
-                          trace=trace, trace_probes=trace_probes, guard=guard, guard_ess=guard_ess,
-                          guard_levels=guard_levels, fk_clip=fk_clip)
+                          trace=trace, trace_probes=trace_probes, guard=guard,
+                          guard_diversity=guard_diversity, guard_dims=guard_dims, fk_clip=fk_clip)
 
     B = x.shape[0]
     L = particles
@@ -555,6 +574,7 @@ def sample_poe_smc(
         ev = evaluator(y, s0, need_lam=True)
         eps_hat = None
     D, num, X0, lam_t = ev.D, ev.num, ev.x0, ev.lam
+    elem = ev.elem
     lam_prop = proposal == "lambda" and lam_t is not None
     # √Λ per element for the Λ-aware move (and the correctly scaled first move of a flow model)
     inv_sqrt_lam = None if lam_t is None else lam_t.rsqrt().to(x_part.dtype)
@@ -562,7 +582,7 @@ def sample_poe_smc(
     log_w = torch.zeros(L, B, dtype=torch.float64)
     fk_w = torch.zeros(L, B, dtype=torch.float64)  # FK part of log_w since the last resampling (for the guard)
     fk_on = torch.ones(B, dtype=torch.bool)
-    degenerate_run = torch.zeros(B, dtype=torch.int64)
+    retained = torch.ones(B, dtype=torch.float64)  # diversity share kept through FK-driven resampling (guard)
     report.guard_events = []
     report.resampled_items = []
     log_z = torch.zeros(B, dtype=torch.float64)
@@ -611,20 +631,6 @@ def sample_poe_smc(
         report.ess.append(effective_sample_size(total_w))
         report.sigmas.append(sig_native[i])
 
-        # ---- collapse guard: FK weights that stay degenerate are switched off, and the report says so ----
-        if fk_applied and guard == "fallback" and L > 1 and fk_clip is None:
-            fk_ess = effective_sample_size(fk_w)
-            degenerate = (fk_ess - 1) < guard_ess * (L - 1)
-            degenerate_run = torch.where(degenerate & fk_on, degenerate_run + 1, torch.zeros_like(degenerate_run))
-            fire = fk_on & (degenerate_run >= guard_levels)
-            for b in torch.nonzero(fire).flatten().tolist():
-                report.guard_events.append(dict(
-                    level=i, sigma=sig_native[i], item=b, ess=float(fk_ess[b]),
-                    action=f"FK corrector weights off for item {b} from level {i} (σ={sig_native[i]:.4g}) on: they stayed "
-                           f"degenerate (ESS {float(fk_ess[b]):.2f} of {L}) for {guard_levels} levels; the "
-                           f"{'Λ-aware' if lam_prop else 'summed-score'} proposal continues unweighted"))
-            fk_on = fk_on & ~fire
-
         # ---- resampling (decided per batch item) --------------------------------------------------
         need = torch.zeros(B, dtype=torch.bool)
         if not final and L > 1 and i % resample_every == 0:
@@ -635,6 +641,41 @@ def sample_poe_smc(
         resample_now = bool(need.any())
         report.resampled.append(resample_now)
         report.resampled_items.append(need)
+        if resample_now and fk_applied and L > 1:
+            # ---- collapse guard: a resampling on FK weights that would leave too little diversity is not made;
+            # the item's FK weights are dropped and switched off from here (checked before resampling)
+            fk_ess = effective_sample_size(fk_w)
+            # a population of n effective independent draws keeps (1 − 1/n) of the variance
+            keep = ((1.0 - 1.0 / fk_ess) / (1.0 - 1.0 / L)).clamp(0.0, 1.0)
+            if guard == "fallback" and fk_clip is None:
+                dims = torch.zeros(B, dtype=torch.float64)
+                if elem is not None:  # participation ratio of the elements in the weights' spread across particles
+                    v = elem.reshape(L, B, -1).cpu().var(0)
+                    dims = v.sum(1) ** 2 / (v**2).sum(1).clamp_min(1e-300)
+                too_wide = dims > guard_dims
+                fire = fk_on & need & ((retained * keep < guard_diversity) | too_wide)
+                for b in torch.nonzero(fire).flatten().tolist():
+                    report.guard_events.append(dict(
+                        level=i, sigma=sig_native[i], item=b, ess=float(fk_ess[b]), retained=float(retained[b] * keep[b]),
+                        dims=float(dims[b]),
+                        action=f"item {b}, level {i} (σ={sig_native[i]:.4g}): resampling on the FK corrector weights (ESS "
+                               f"{float(fk_ess[b]):.2f} of {L}, spread over ≈{float(dims[b]):.0f} latent elements, limit "
+                               f"{guard_dims:g}) would keep {float(retained[b] * keep[b]):.2f} of the population's diversity "
+                               f"(limit {guard_diversity}); FK weights dropped and off from here, the "
+                               f"{'Λ-aware' if lam_prop else 'summed-score'} proposal continues unweighted (the product "
+                               "is no longer corrected for this item)"))
+                if bool(fire.any()):
+                    fk_on = fk_on & ~fire
+                    drop = fire[None].to(torch.float64)
+                    log_w = log_w - drop * fk_w
+                    fk_w = fk_w * (1 - drop)
+                    total_w = log_w + replace_term
+                    forced = (weighting in ("paper", "max", "sum") and use_judges and active[i])
+                    need = need & (~fire | torch.as_tensor(forced) | (effective_sample_size(total_w) < ess_threshold * L))
+                    resample_now = bool(need.any())
+                    report.resampled[-1] = resample_now
+                    report.resampled_items[-1] = need
+            retained = torch.where(need & fk_on, retained * keep, retained)
         if resample_now:
             log_z += torch.where(need, log_mean_weight(total_w), torch.zeros_like(log_z))
             anc = resample_indices(total_w, resampling, gen)  # (L, B)
@@ -703,7 +744,7 @@ def sample_poe_smc(
             D, X0, num = y, y, torch.zeros(N, dtype=torch.float64, device=x.device)
         else:
             ev = evaluator(y, s_to)
-            D, num, X0 = ev.D, ev.num, ev.x0
+            D, num, X0, elem = ev.D, ev.num, ev.x0, ev.elem
 
     # ---- selection ---------------------------------------------------------------------------------
     final_w = log_w + replace_term
@@ -786,7 +827,7 @@ TRACES = ("auto", "exact", "hutchinson", "off")
 GUARDS = ("fallback", "off")
 
 
-def _check_new_options(proposal, trace, trace_probes, guard, guard_ess, guard_levels, fk_clip):
+def _check_new_options(proposal, trace, trace_probes, guard, guard_diversity, guard_dims, fk_clip):
     if proposal not in PROPOSALS:
         raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
     if trace not in TRACES:
@@ -795,10 +836,10 @@ def _check_new_options(proposal, trace, trace_probes, guard, guard_ess, guard_le
         raise ValueError(f"trace_probes must be an integer >= 1, got {trace_probes!r}")
     if guard not in GUARDS:
         raise ValueError(f"guard must be one of {GUARDS}, got {guard!r}")
-    if not 0.0 <= guard_ess < 1.0:
-        raise ValueError(f"guard_ess must lie in [0, 1), got {guard_ess!r}")
-    if not (isinstance(guard_levels, int) and guard_levels >= 1):
-        raise ValueError(f"guard_levels must be an integer >= 1, got {guard_levels!r}")
+    if not 0.0 <= guard_diversity <= 1.0:
+        raise ValueError(f"guard_diversity must lie in [0, 1], got {guard_diversity!r}")
+    if not guard_dims > 0:
+        raise ValueError(f"guard_dims must be positive, got {guard_dims!r}")
     if fk_clip is not None and not fk_clip > 0:
         raise ValueError(f"fk_clip must be positive (or None), got {fk_clip!r}")
 
@@ -838,7 +879,8 @@ def sample_naive_composition(model, x, sigmas, extra_args=None, callback=None, d
     """
     return sample_poe_smc(model, x, sigmas, extra_args, callback, disable, particles=1, judges=judges, decode=decode,
                           eta=eta, fk_correction="off", weighting="none", twist=twist, selection="all", seed=seed,
-                          report=report, parameterization=parameterization, mcmc_steps=0, tempering="constant")
+                          report=report, parameterization=parameterization, mcmc_steps=0, tempering="constant",
+                          proposal="summed", guard="off")
 
 
 def sample_best_of_n(model, x, sigmas, extra_args=None, callback=None, disable=None, *, n: int = 4, judges=(),
@@ -847,4 +889,4 @@ def sample_best_of_n(model, x, sigmas, extra_args=None, callback=None, disable=N
     return sample_poe_smc(model, x, sigmas, extra_args, callback, disable, particles=n, judges=judges, decode=decode,
                           eta=eta, fk_correction="off", weighting="none", selection="argmax" if judges else "sample",
                           seed=seed, report=report, parameterization=parameterization, mcmc_steps=0,
-                          chunk_size=chunk_size, tempering="constant")
+                          chunk_size=chunk_size, tempering="constant", proposal="summed", guard="off")
