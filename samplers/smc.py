@@ -262,6 +262,7 @@ class _Evaluator:
         self.flow = is_flow(parameterization)
         self.fk_mode = fk_mode
         self.chunk = max(batch, (chunk // batch) * batch) if chunk else None
+        self.batch = batch
         self.proposal = proposal
         self.trace = trace
         self.trace_probes = int(trace_probes)
@@ -293,7 +294,9 @@ class _Evaluator:
 
         Exact from the model's posterior variances when it gives them; else Hutchinson with Rademacher
         probes z and a forward difference of the experts' predictions, Cov_k = σ² ∂D_k/∂y (Tweedie):
-        diag ≈ z ⊙ (D_k(y + h z) − D_k(y)) σ² / h, h = 0.01 σ — one extra model call per probe.
+        diag ≈ z ⊙ (D_k(y + h z) − D_k(y)) σ² / h, h = 0.01 σ — one extra model call per probe. The probe is
+        shared by the particles of a batch item (common random numbers): only differences between particles
+        enter the weights, and where Cov_k does not depend on the particle its probe noise cancels exactly.
         """
         mode = "full" if self.fk_mode == "off" else self.fk_mode
         coef = 1.0 - 1.0 / lam
@@ -312,7 +315,8 @@ class _Evaluator:
         h = 0.01 * s_ve
         est = torch.zeros_like(lam)
         for _ in range(self.trace_probes):
-            z = self.rademacher(yc.shape).to(device=yc.device, dtype=yc.dtype)
+            z = self.rademacher((self.batch,) + tuple(yc.shape[1:])).to(device=yc.device, dtype=yc.dtype)
+            z = z.repeat((yc.shape[0] // self.batch,) + (1,) * (yc.ndim - 1))
             xp, _ = self.native(yc + h * z, s_ve)
             _, preds_p = self._call(xp, s_nat)
             comps_p = preds_p.components(xp, mode)

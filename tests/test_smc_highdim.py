@@ -97,7 +97,7 @@ def test_collapse_guard_fires_and_says_so():
     sample_poe_smc(prob.model, x, karras_sigmas(40, 0.002, 80.0), particles=L, selection="all", seed=0, report=rep)
     assert {e["item"] for e in rep.guard_events} == set(range(ITEMS))
     text = rep.summary()
-    assert "COLLAPSE GUARD FIRED" in text and "FK weights off" in text
+    assert "COLLAPSE GUARD FIRED" in text and "FK weights dropped and off" in text
     rep_off = SMCReport()
     sample_poe_smc(prob.model, x, karras_sigmas(40, 0.002, 80.0), particles=L, selection="all", seed=0, report=rep_off,
                    guard="off")
