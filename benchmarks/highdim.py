@@ -12,7 +12,7 @@ weights, CFG and soft masks. A latent of 16,384 elements is shaped 4×64×64 (an
 shared frame, so the experts' Jacobians are not diagonal and a Hutchinson trace estimate has its real
 noise; metrics are computed in the experts' own frame.
 
-Cases: lam2_all (two full-weight experts that differ in every element), lam2_few (identical but for 9
+Cases: lam2_all (two full-weight experts that differ in every element), lam2_few (identical but for 8
 elements), ratio (p_A p_B / p_base, Λ = 1), cfg (cond 3 / uncond −2), masks_disjoint (two halves),
 masks_soft (masks overlapping in a feathered band: Λ from 1 to 2 there). EPS (Karras σ) and CONST (flow
 σ, shift 3) parameterisations.
