@@ -282,14 +282,19 @@ def method_config(method: str, budget: int, best_of: int = 4, paper_particles: i
                             options=dict(PRESETS["paper"], step_scale=0.05))
     if method == "MCMC only":
         return MethodConfig(levels(budget / (1 + mcmc_steps)), mcmc_steps=mcmc_steps,
-                            options=dict(fk_correction="off", mcmc="mala", tempering="constant"))
+                            options=dict(fk_correction="off", mcmc="mala", tempering="constant", **SUMMED))
     if method in ("FK-SMC ULA", "FK-SMC MALA"):
         kind = "ula" if method.endswith("ULA") else "mala"
         return MethodConfig(levels(budget / (1 + mcmc_steps)), particles=population, population=True,
                             mcmc_steps=mcmc_steps,
                             options=dict(fk_correction="full", weighting="incremental", eta=1.0, mcmc=kind,
-                                         step_scale=0.05 if kind == "ula" else 0.1, tempering=fk_tempering))
+                                         step_scale=0.05 if kind == "ula" else 0.1, tempering=fk_tempering, **SUMMED))
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+# The demo's measured tables (README) predate the Λ-aware default proposal (issue 15): they keep the
+# summed-score sampler they were measured with.
+SUMMED = dict(proposal="summed", guard="off")
 
 
 @dataclass

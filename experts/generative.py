@@ -154,15 +154,21 @@ class ExpertPredictions:
     parameterization: str
     base: Optional[GenerativeExpert] = None
     base_weight: Optional[torch.Tensor] = None  # map filling uncovered pixels, None when no base
+    cond_var: Optional[list] = None  # exact diag Cov[x0 | x] per prediction, when the model provides it
+    uncond_var: Optional[list] = None
 
-    def components(self, x: torch.Tensor, mode: str = "full") -> list[tuple[torch.Tensor, Any]]:
+    def components(self, x: torch.Tensor, mode: str = "full", variances: bool = False) -> list[tuple[torch.Tensor, Any]]:
         """(denoised, weight) pairs whose weighted score sum is the product's score.
 
         mode "full": raw conditional and shared unconditional predictions with effective weights
         λ·w·M and Σ λ·(1-w)·M (CFG is a product too); mode "product": each expert's CFG-guided
         prediction with weight λ·M. Both give the same combined prediction; they differ only in
-        which Feynman-Kac corrector they imply.
+        which Feynman-Kac corrector they imply. ``variances=True`` returns the posterior variances diag
+        Cov[x0 | x] in place of the predictions (same weights; Cov = σ² ∂D/∂x is linear in D, so a CFG'd
+        expert's variance combines like its prediction), or None when the model gave none.
         """
+        if variances and self.cond_var is None:
+            return None
         if mode not in ("full", "product"):
             raise ValueError(f"components mode must be 'full' or 'product', got {mode!r}")
         out: list[tuple[torch.Tensor, Any]] = []
@@ -173,6 +179,8 @@ class ExpertPredictions:
             m = self.base_weight if is_base else mask_for(expert.mask, x)
             lam = expert.weight if m is None else expert.weight * m
             cond, uncond = self.cond[i], self.uncond[i]
+            if variances:
+                cond, uncond = self.cond_var[i], (self.uncond_var[i] if uncond is not None else None)
             if uncond is None:
                 out.append((cond, lam))
             elif mode == "product":
@@ -180,7 +188,7 @@ class ExpertPredictions:
             else:
                 out.append((cond, lam * expert.cfg))
                 w_u = lam * (1.0 - expert.cfg)
-                key = id(uncond)
+                key = id(self.uncond[i])
                 if key in shared:
                     k = shared[key]
                     out[k] = (uncond, out[k][1] + w_u)
@@ -291,6 +299,7 @@ class PoECapture:
     """Mutable slot the sampler hands a model through ``model_options[POE_CAPTURE_KEY]``."""
 
     predictions: Optional[ExpertPredictions] = None
+    want_variance: bool = False  # the sampler asks for exact posterior variances (models that have them)
 
 
 def capture_predictions(model_options: Optional[dict], predictions: ExpertPredictions) -> None:
@@ -299,6 +308,24 @@ def capture_predictions(model_options: Optional[dict], predictions: ExpertPredic
         capture = model_options.get(POE_CAPTURE_KEY)
         if capture is not None:
             capture.predictions = predictions
+
+
+def add_posterior_variances(product: "ProductOfExperts", preds: ExpertPredictions, x, sigma) -> None:
+    """Fill ``preds.cond_var`` / ``uncond_var`` when every model has ``posterior_variance(x, sigma, conds)``
+    (the analytic experts do; real networks do not, and the sampler estimates the trace instead)."""
+    if not all(hasattr(g.model, "posterior_variance") for g in product.groups):
+        return
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    n = len(preds.cond)
+    cond_var, uncond_var = [None] * n, [None] * n
+    for group in product.groups:
+        out = group.model.posterior_variance(x, sigma, group.conds)
+        for idx, pos, neg in group.expert_slots:
+            cond_var[idx] = out[pos]
+            uncond_var[idx] = out[neg] if neg is not None else None
+    preds.cond_var, preds.uncond_var = cond_var, uncond_var
 
 
 class ProductOfExperts:
@@ -329,6 +356,12 @@ class ProductOfExperts:
         return evaluate_experts(self.experts, x, sigma, self.call, base=self.base, groups=self.groups)
 
     def __call__(self, x: torch.Tensor, sigma, model_options: Optional[dict] = None, **_unused) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
         preds = self.predict(x, sigma)
+        capture = (model_options or {}).get(POE_CAPTURE_KEY)
+        if capture is not None and capture.want_variance:
+            add_posterior_variances(self, preds, x, sigma)
         capture_predictions(model_options, preds)
         return combine_denoised(x, sigma, preds.components(x, "product"), preds.parameterization)

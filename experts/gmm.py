@@ -89,6 +89,17 @@ class GaussianMixture:
         cond_mean = self.means.to(x.device)[None] + torch.einsum("kde,nke->nkd", self._evecs.to(x.device), shrunk)
         return torch.einsum("nk,nkd->nd", resp, cond_mean).to(x.dtype)
 
+    def posterior_var_ve(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """diag Cov[x0 | x0 + σ ε = x] (exact): Σ_k r_k (diag Σ_k|x + m_k²) − D², Σ_k|x = U diag(λσ²/(λ+σ²)) Uᵀ."""
+        z, var, log_joint = self._per_component(x, sigma)
+        resp = torch.softmax(log_joint, dim=1)
+        evals, evecs = self._evals.to(x.device)[None], self._evecs.to(x.device)
+        cond_mean = self.means.to(x.device)[None] + torch.einsum("kde,nke->nkd", evecs, z * (evals / var))
+        post = torch.einsum("kde,nke->nkd", evecs**2, evals * (var - evals) / var)  # λσ²/(λ+σ²) rotated back
+        mean = torch.einsum("nk,nkd->nd", resp, cond_mean)
+        second = torch.einsum("nk,nkd->nd", resp, post + cond_mean**2)
+        return (second - mean**2).clamp_min(0).to(x.dtype)
+
     def score_ve(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """∇ log p_σ(x) = (D(x, σ) - x) / σ² (exact)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
@@ -168,6 +179,18 @@ class GMMDenoiser:
             self.n_evals += x.shape[0]
         return out
 
+    def posterior_variance(self, x: torch.Tensor, sigma, conds: Sequence[GaussianMixture]) -> list:
+        """Exact diag Cov[x0 | x] per cond (the sampler's Λ-aware weights use it, ``trace="exact"``)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        if is_flow(self.parameterization):
+            sigma = sigma.clamp_max(1.0 - 1e-7)
+            y, sigma = x.to(torch.float64) / (1 - sigma)[:, None], sigma / (1 - sigma)
+        else:
+            y = x
+        return [cond.posterior_var_ve(y, sigma).to(x.dtype) for cond in conds]
+
     def log_prob(self, x: torch.Tensor, sigma, mixture: GaussianMixture) -> torch.Tensor:
         """Exact log-density of the noised marginal in this model's own coordinates."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
@@ -206,5 +229,119 @@ def gaussian_reward(center, strength: float, name: str = "gaussian_reward") -> D
                                 info={"center": center_t, "strength": strength})
 
 
-__all__ = ["GaussianMixture", "GMMDenoiser", "product_of_mixtures", "gaussian_reward", "random_mixture",
+__all__ = ["GaussianMixture", "GMMDenoiser", "DiagonalMixture", "DiagonalDenoiser", "product_of_mixtures", "gaussian_reward", "random_mixture",
            "random_product_problem", "CONST", "EPS"]
+
+
+# --------------------------------------------------------------------------------------------------
+# factorised (diagonal) mixtures: exact denoisers at latent size (benchmarks/highdim.py)
+
+
+class DiagonalMixture:
+    """A factorised density p(x) = Π_j Σ_c w_cj N(x_j; μ_cj, v_cj): one 1-D mixture per element.
+
+    means, variances, weights are (K, d) (weights normalised per element); points are batches (N, *shape)
+    with prod(shape) = d. Denoiser and posterior variance are exact and elementwise, so a 4×64×64 or
+    16×128×128 latent costs a few elementwise passes (Tweedie: D = E[x0 | y], Cov = σ² ∂D/∂y).
+    """
+
+    def __init__(self, means, variances, weights=None):
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.vars = torch.as_tensor(variances, dtype=torch.float64).expand_as(self.means).clone()
+        if self.means.ndim != 2:
+            raise ValueError(f"means must be (K, d), got {tuple(self.means.shape)}")
+        if (self.vars <= 0).any():
+            raise ValueError("every component variance must be positive")
+        w = torch.ones_like(self.means) if weights is None else torch.as_tensor(weights, dtype=torch.float64).expand_as(self.means)
+        if (w < 0).any():
+            raise ValueError("mixture weights must be non-negative")
+        self.log_w = (w / w.sum(0, keepdim=True)).log()
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def _split(self):
+        """Elements whose components all coincide are plain Gaussians (linear denoiser); the rest are mixtures."""
+        if not hasattr(self, "_multi"):
+            same = ((self.means == self.means[:1]).all(0) & (self.vars == self.vars[:1]).all(0))
+            self._multi = torch.nonzero(~same).flatten()
+            self._single = torch.nonzero(same).flatten()
+        return self._single, self._multi
+
+    def denoise_and_var(self, y: torch.Tensor, s_ve) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E[x0 | y], diag Cov[x0 | y]) for VE states y at noise s_ve (scalar or (N,)), exact, shaped like y."""
+        flat = y.reshape(y.shape[0], -1).to(torch.float64)
+        if flat.shape[1] != self.dim:
+            raise ValueError(f"points of shape {tuple(y.shape)} do not fit a diagonal mixture of dimension {self.dim}")
+        s2 = torch.as_tensor(s_ve, dtype=torch.float64, device=flat.device)
+        s2 = (s2.reshape(-1, 1) if s2.ndim else s2) ** 2
+        _, multi = self._split()
+        # every element as a Gaussian first (exact where the components coincide), then the mixtures
+        mu, v = self.means[0].to(flat.device), self.vars[0].to(flat.device)
+        gain = v / (v + s2)
+        mean = mu + gain * (flat - mu)
+        var = (gain * s2).expand_as(flat).clone()
+        if multi.numel():
+            ym = flat[:, multi][:, None]
+            s2m = s2[:, :, None] if s2.ndim else s2
+            mu, v, lw = (t[:, multi].to(flat.device)[None] for t in (self.means, self.vars, self.log_w))
+            tot = v + s2m
+            resp = torch.softmax(lw - 0.5 * ((ym - mu) ** 2 / tot + tot.log()), dim=1)
+            gain = v / tot
+            m = mu + gain * (ym - mu)
+            mm = (resp * m).sum(1)
+            mean[:, multi] = mm
+            var[:, multi] = ((resp * (gain * s2m + m * m)).sum(1) - mm * mm).clamp_min(0)
+        return mean.reshape(y.shape).to(y.dtype), var.reshape(y.shape).to(y.dtype)
+
+    def denoise_ve(self, y: torch.Tensor, s_ve) -> torch.Tensor:
+        """E[x0 | x0 + σ ε = y], exact, shaped like y."""
+        return self.denoise_and_var(y, s_ve)[0]
+
+    def posterior_var_ve(self, y: torch.Tensor, s_ve) -> torch.Tensor:
+        """diag Cov[x0 | y] (exact), shaped like y."""
+        return self.denoise_and_var(y, s_ve)[1]
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        k, d = self.means.shape
+        u = torch.rand(n, 1, d, dtype=torch.float64, generator=generator)
+        comp = (self.log_w.exp().cumsum(0)[None] < u).sum(1).clamp_max(k - 1)  # (n, d)
+        mu = torch.gather(self.means.expand(n, k, d), 1, comp[:, None]).squeeze(1)
+        var = torch.gather(self.vars.expand(n, k, d), 1, comp[:, None]).squeeze(1)
+        return mu + var.sqrt() * torch.randn(n, d, dtype=torch.float64, generator=generator)
+
+
+class DiagonalDenoiser:
+    """Engine denoiser (``denoise(x, sigma, conds)``) over :class:`DiagonalMixture` conditionings, EPS or
+    CONST coordinates like :class:`GMMDenoiser`; also gives the exact ``posterior_variance`` that the
+    sampler's Λ-aware weights use (``trace="exact"``)."""
+
+    def __init__(self, parameterization: str = EPS):
+        self.parameterization = canonical_parameterization(parameterization)
+        self.n_evals = 0
+
+    def _ve(self, x, sigma):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        if is_flow(self.parameterization):
+            sigma = sigma.clamp_max(1.0 - 1e-7)
+            return x.to(torch.float64) / (1 - sigma).reshape((-1,) + (1,) * (x.ndim - 1)), sigma / (1 - sigma)
+        return x, sigma
+
+    def _both(self, x, sigma, conds):
+        # denoise + posterior_variance of one call share one pass (identity of x is held, so it cannot be reused)
+        sig = torch.as_tensor(sigma)
+        memo = getattr(self, "_memo", None)
+        if memo is None or memo[0] is not x or memo[1] is not sig or memo[2] != [id(c) for c in conds]:
+            y, s = self._ve(x, sigma)
+            memo = self._memo = (x, sig, [id(c) for c in conds], [c.denoise_and_var(y, s) for c in conds])
+        return memo[3]
+
+    def denoise(self, x, sigma, conds):
+        self.n_evals += x.shape[0] * len(conds)
+        return [d.to(x.dtype) for d, _ in self._both(x, sigma, conds)]
+
+    def posterior_variance(self, x, sigma, conds):
+        return [v.to(x.dtype) for _, v in self._both(x, sigma, conds)]

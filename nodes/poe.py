@@ -26,7 +26,9 @@ from ..experts.generative import GenerativeExpert, capture_predictions, combine_
 from ..experts.masks import prepare_mask
 from ..samplers.plots import plot_series
 from ..samplers.resampling import RESAMPLING_SCHEMES
-from ..samplers.smc import FK_MODES, MCMC_KINDS, SELECTIONS, TEMPERINGS, SMCReport, sample_poe_smc
+from ..samplers.smc import (
+    FK_MODES, GUARDS, MCMC_KINDS, PROPOSALS, SELECTIONS, TEMPERINGS, TRACES, SMCReport, sample_poe_smc,
+)
 
 from ._types import PoEExperts, PoEJudges
 
@@ -189,10 +191,15 @@ def per_frame(judge):
 
 
 def make_smc_sampler(options: dict, judges: Optional[list] = None, vae=None, report: Optional[SMCReport] = None):
-    """KSAMPLER around the engine's sample_poe_smc, with ComfyUI decode, interruption and model type."""
+    """KSAMPLER around the engine's sample_poe_smc, with ComfyUI decode, interruption and model type.
+
+    The report of the sampler's latest run is kept on the returned object as ``poe_report`` (a fresh
+    :class:`SMCReport` per run unless one is given), so PoE SMC Report can show it after sampling."""
     judges = list(judges or [])
 
     def sample_fn(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        run_report = report if report is not None else SMCReport()
+        ksampler.poe_report = run_report
         base_model = model.inner_model.inner_model
         decode = None
         if vae is not None:
@@ -202,10 +209,12 @@ def make_smc_sampler(options: dict, judges: Optional[list] = None, vae=None, rep
             judges=[per_frame(in_latent_space(j, base_model)) for j in judges], decode=decode,
             parameterization=parameterization_of(base_model.model_sampling),
             interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-            report=report, **options,
+            report=run_report, **options,
         )
 
-    return comfy.samplers.KSAMPLER(sample_fn)
+    ksampler = comfy.samplers.KSAMPLER(sample_fn)
+    ksampler.poe_report = None
+    return ksampler
 
 
 def check_judges(judges, vae, twist: bool) -> Optional[str]:
@@ -262,6 +271,12 @@ def _smc_inputs():
                          tooltip="Add the gradient of differentiable latent judges to the drift (with the exact proposal correction)."),
         io.Int.Input("chunk_size", default=0, min=0, max=4096,
                      tooltip="Max particles per model call (0: all at once). Lower it when memory runs out."),
+        io.Combo.Input("proposal", options=list(PROPOSALS), default="lambda", optional=True,
+                       tooltip="lambda (default): move with the experts' consensus as one model at noise σ/√Λ, which keeps the FK weights usable at latent size (see docs/sampler_high_dimension.md); summed: the summed-score reverse SDE of the FK-corrector paper (its weights degenerate at SD latent size for full-weight experts)."),
+        io.Combo.Input("trace", options=list(TRACES), default="auto", optional=True,
+                       tooltip="Posterior-covariance term of the lambda weights where the expert weights do not sum to 1. auto: exact when the model provides it, else a Hutchinson estimate (one extra model call per step, only when weights do not sum to 1); off: drop it (biased)."),
+        io.Combo.Input("guard", options=list(GUARDS), default="fallback", optional=True,
+                       tooltip="Collapse guard. fallback: when resampling on the FK weights would destroy the particles' diversity, switch the weights off for that image and continue unweighted (the report says so); off: never."),
     ]
 
 
@@ -271,13 +286,14 @@ def _smc_options(kw: dict) -> dict:
         fk_correction=kw["fk_correction"], weighting=kw["weighting"], resampling=kw["resampling"],
         ess_threshold=kw["ess_threshold"], selection=kw["selection"], eta=kw["eta"],
         judge_window=(kw["judge_sigma_min"], kw["judge_sigma_max"]), tempering=kw["tempering"], twist=kw["twist"],
-        chunk_size=kw["chunk_size"] or None,
+        chunk_size=kw["chunk_size"] or None, proposal=kw.get("proposal") or "lambda", trace=kw.get("trace") or "auto",
+        guard=kw.get("guard") or "fallback",
     )
 
 
 def _check_combos(**values) -> bool | str:
     allowed = dict(mcmc=MCMC_KINDS, fk_correction=FK_MODES, weighting=SMC_WEIGHTINGS, resampling=RESAMPLING_SCHEMES,
-                   selection=SELECTIONS, tempering=TEMPERINGS)
+                   selection=SELECTIONS, tempering=TEMPERINGS, proposal=PROPOSALS, trace=TRACES, guard=GUARDS)
     for name, value in values.items():
         if value is not None and name in allowed and value not in allowed[name]:
             return f"{name}: {value!r} is not one of {', '.join(allowed[name])}"
@@ -363,10 +379,10 @@ class PoESMCSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, mcmc=None, fk_correction=None, weighting=None, resampling=None, selection=None,
-                        tempering=None, judge_sigma_min=None, judge_sigma_max=None):
+                        tempering=None, judge_sigma_min=None, judge_sigma_max=None, proposal=None, trace=None, guard=None):
         return _check_combos(mcmc=mcmc, fk_correction=fk_correction, weighting=weighting, resampling=resampling,
                              selection=selection, tempering=tempering, judge_sigma_min=judge_sigma_min,
-                             judge_sigma_max=judge_sigma_max)
+                             judge_sigma_max=judge_sigma_max, proposal=proposal, trace=trace, guard=guard)
 
     @classmethod
     def execute(cls, judges=None, vae=None, **kw) -> io.NodeOutput:
@@ -408,12 +424,13 @@ class PoESample(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, scheduler=None, mcmc=None, fk_correction=None, weighting=None, resampling=None,
-                        selection=None, tempering=None, judge_sigma_min=None, judge_sigma_max=None):
+                        selection=None, tempering=None, judge_sigma_min=None, judge_sigma_max=None, proposal=None,
+                        trace=None, guard=None):
         if scheduler is not None and scheduler not in comfy.samplers.SCHEDULER_NAMES:
             return f"scheduler: {scheduler!r} is not one of {', '.join(comfy.samplers.SCHEDULER_NAMES)}"
         return _check_combos(mcmc=mcmc, fk_correction=fk_correction, weighting=weighting, resampling=resampling,
                              selection=selection, tempering=tempering, judge_sigma_min=judge_sigma_min,
-                             judge_sigma_max=judge_sigma_max)
+                             judge_sigma_max=judge_sigma_max, proposal=proposal, trace=trace, guard=guard)
 
     @classmethod
     def execute(cls, experts, latent, seed, steps, scheduler, denoise, judges=None, vae=None, base=None, **kw) -> io.NodeOutput:
@@ -447,4 +464,31 @@ class PoESample(io.ComfyNode):
         return io.NodeOutput(out, text, plot, ui=ui.PreviewText(text))
 
 
-NODES = [PoEExpert, PoECombine, PoESMCSampler, PoESample]
+class PoESMCReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoESMCReport",
+            display_name="PoE SMC Report",
+            category="poe/sampling",
+            description="Diagnostics of a PoE AIS/SMC Sampler run inside SamplerCustomAdvanced: resampling count, ESS trace, whether the collapse guard fired and what it did, model calls, log Ẑ.",
+            inputs=[
+                io.Sampler.Input("sampler", tooltip="The PoE AIS/SMC Sampler whose run to report."),
+                io.Latent.Input("latent", tooltip="The output of the SamplerCustomAdvanced that used this sampler (this makes the report run after sampling)."),
+            ],
+            outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="diagnostics")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, sampler, latent) -> io.NodeOutput:
+        if not hasattr(sampler, "poe_report"):
+            raise ValueError("sampler: not a PoE AIS/SMC Sampler (only its runs have a report)")
+        if sampler.poe_report is None:
+            raise ValueError("latent: the sampler has not run yet; connect the latent output of the "
+                             "SamplerCustomAdvanced that uses this sampler")
+        text, plot = render_report(sampler.poe_report)
+        return io.NodeOutput(text, plot, ui=ui.PreviewText(text))
+
+
+NODES = [PoEExpert, PoECombine, PoESMCSampler, PoESample, PoESMCReport]

@@ -16,7 +16,9 @@ with y = x / (1-σ), σ_ve = σ / (1-σ) (reference poe_smc.md). One level t of 
   4. K MCMC steps at σ_t: ULA (paper) or MALA with the trapezoid score-integral energy estimate
          log π(y') − log π(y) ≈ ½ (S(y) + S(y'))·(y' − y).
 The paper's Algorithm 1 is reproduced with ``fk_correction="off", weighting="paper", eta=0,
-mcmc="ula"`` (:data:`PRESETS` ``["paper"]``).
+mcmc="ula", proposal="summed"`` (:data:`PRESETS` ``["paper"]``). At latent size the default moves with the
+experts' consensus at noise σ/√Λ (``proposal="lambda"``, :func:`fk_lambda_numerator`), resamples per batch
+item and has a collapse guard; ``PRESETS["fk_summed"]`` keeps the FK-corrector paper's summed-score sampler.
 
 Per-expert predictions arrive through the capture channel of :mod:`comfy_poe.experts.generative`;
 a model that does not fill it is a single expert (no generative correction needed).
@@ -42,9 +44,16 @@ TEMPERINGS = ("constant", "linear", "capped")
 
 PRESETS = {
     # Zhang et al. 2025, Algorithm 1: Euler init kernel, ULA, resample every level on the current reward.
-    "paper": dict(fk_correction="off", weighting="paper", eta=0.0, mcmc="ula", selection="argmax", tempering="constant"),
-    # Principled default: Feynman-Kac corrector weights, difference potentials, ESS-triggered resampling.
-    "fk": dict(fk_correction="full", weighting="incremental", eta=1.0, mcmc="mala", selection="auto", tempering="capped"),
+    "paper": dict(fk_correction="off", weighting="paper", eta=0.0, mcmc="ula", selection="argmax", tempering="constant",
+                  proposal="summed", guard="off"),
+    # Principled default: Feynman-Kac corrector weights for the Λ-aware proposal, difference potentials,
+    # ESS-triggered per-item resampling, collapse guard (docs/sampler_high_dimension.md).
+    "fk": dict(fk_correction="full", weighting="incremental", eta=1.0, mcmc="mala", selection="auto", tempering="capped",
+               proposal="lambda", trace="auto", guard="fallback"),
+    # The FK-corrector paper's sampler as it was the default before: summed-score SDE, no guard (Skreta et al. 2025).
+    "fk_summed": dict(fk_correction="full", weighting="incremental", eta=1.0, proposal="summed", guard="off"),
+    # The FK-corrector authors' image recipe: per-level increments centred and clipped, resampling every level.
+    "fkc_clipped": dict(fk_correction="full", weighting="incremental", eta=1.0, proposal="summed", guard="off", fk_clip=1.0),
 }
 
 
@@ -66,15 +75,44 @@ class SMCReport:
     selected: Optional[torch.Tensor] = None
     particles: int = 0
     options: dict = field(default_factory=dict)
+    resampled_items: list = field(default_factory=list)  # per level: (B,) bool, which items were resampled
+    guard_events: list = field(default_factory=list)  # collapse guard firings: dict(level, sigma, item, ess, action)
+    trace_calls_per_particle: int = 0  # of model_calls_per_particle, spent on Hutchinson trace probes
+    trace_source: Optional[str] = None  # "exact" | "hutchinson" | None (no trace term was needed)
+
+    def resample_counts(self) -> list:
+        """Resampling count per batch item."""
+        if not self.resampled_items:
+            return []
+        return torch.stack(self.resampled_items).sum(0).tolist()
+
+    def min_ess_fraction(self) -> float:
+        """Smallest ESS / L over levels and items (1.0 = no weight degeneracy)."""
+        if not self.ess:
+            return 1.0
+        return float(torch.stack(self.ess).min()) / max(self.particles, 1)
 
     def summary(self) -> str:
         ess = torch.stack(self.ess).mean(1) if self.ess else torch.zeros(0)
+        counts = self.resample_counts()
+        opts = self.options
         lines = [
-            f"particles {self.particles}, levels {len(self.ess)}, resampled at {sum(self.resampled)} levels",
-            f"model calls per particle {self.model_calls_per_particle}, particle evaluations {self.particle_evals}, "
-            f"judge evaluations {self.judge_evals}",
-            "ESS trace: " + " ".join(f"{v:.1f}" for v in ess.tolist()),
+            f"particles {self.particles}, levels {len(self.ess)}, resampled at {sum(self.resampled)} levels"
+            + (f" (per item: {' '.join(str(c) for c in counts)})" if len(counts) > 1 else ""),
+            f"min ESS/L {self.min_ess_fraction():.3f}",
+            f"model calls per particle {self.model_calls_per_particle}"
+            + (f" ({self.trace_calls_per_particle} for Hutchinson trace probes)" if self.trace_calls_per_particle else "")
+            + f", particle evaluations {self.particle_evals}, judge evaluations {self.judge_evals}",
         ]
+        if opts:
+            lines.append(f"proposal {opts.get('proposal', '?')}, FK correction {opts.get('fk_correction', '?')}, "
+                         f"trace {self.trace_source or 'not needed'}, collapse guard {opts.get('guard', '?')}"
+                         + (f", FK increments centred and clipped to ±{opts['fk_clip']}" if opts.get("fk_clip") else ""))
+        if self.guard_events:
+            lines += ["COLLAPSE GUARD FIRED: " + e["action"] for e in self.guard_events]
+        elif opts.get("guard") == "fallback":
+            lines.append("collapse guard: did not fire")
+        lines.append("ESS trace: " + " ".join(f"{v:.1f}" for v in ess.tolist()))
         if self.log_z is not None:
             lines.append("log Z estimate: " + " ".join(f"{v:.3f}" for v in self.log_z.tolist()))
         if self.acceptance:
@@ -102,14 +140,8 @@ def ancestral_sigmas(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tu
     return math.sqrt(max(sigma_to**2 - up**2, 0.0)), up
 
 
-def fk_product_numerator(y: torch.Tensor, components) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """½ σ⁴ (‖Σ W_k s_k‖² − Σ W_k ‖s_k‖²) per particle, Λ = Σ W_k and the consensus D̄ = Σ W_k D_k / Λ.
-
-    With s_k = (D_k − y)/σ² and D̄ = Σ W_k D_k / Λ this equals
-        ½ Σ_elements [Λ(Λ−1)(D̄ − y)² − Σ_k W_k (D_k − D̄)²]
-    (the cross term vanishes), which avoids cancelling large numbers at high noise. Dividing by σ⁴
-    gives the Feynman-Kac corrector rate of the product (Skreta et al. 2025).
-    """
+def fk_consensus(components, y: torch.Tensor):
+    """Λ = Σ W_k, the consensus D̄ = Σ W_k D_k / Λ and the spread Σ_k W_k (D_k − D̄)², per element (float64)."""
     lam = torch.zeros_like(y, dtype=torch.float64)
     acc = torch.zeros_like(y, dtype=torch.float64)
     for denoised, w in components:
@@ -119,12 +151,37 @@ def fk_product_numerator(y: torch.Tensor, components) -> tuple[torch.Tensor, tor
     if (lam == 0).any():
         raise ValueError("the experts' weights sum to zero on part of the latent: the product is improper there")
     d_bar = acc / lam
-    yd = y.to(torch.float64)
-    spread = torch.zeros_like(yd)
+    spread = torch.zeros_like(d_bar)
     for denoised, w in components:
         spread = spread + torch.as_tensor(w, dtype=torch.float64, device=y.device) * (denoised.to(torch.float64) - d_bar) ** 2
-    per_elem = lam * (lam - 1) * (d_bar - yd) ** 2 - spread
+    return lam, d_bar, spread
+
+
+def fk_product_numerator(y: torch.Tensor, components) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """½ σ⁴ (‖Σ W_k s_k‖² − Σ W_k ‖s_k‖²) per particle, Λ = Σ W_k and the consensus D̄ = Σ W_k D_k / Λ.
+
+    With s_k = (D_k − y)/σ² and D̄ = Σ W_k D_k / Λ this equals
+        ½ Σ_elements [Λ(Λ−1)(D̄ − y)² − Σ_k W_k (D_k − D̄)²]
+    (the cross term vanishes), which avoids cancelling large numbers at high noise. Dividing by σ⁴
+    gives the Feynman-Kac corrector rate of the product (Skreta et al. 2025) for the summed-score SDE.
+    """
+    lam, d_bar, spread = fk_consensus(components, y)
+    per_elem = lam * (lam - 1) * (d_bar - y.to(torch.float64)) ** 2 - spread
     return 0.5 * per_elem.reshape(y.shape[0], -1).sum(1), lam, d_bar
+
+
+def fk_lambda_numerator(spread: torch.Tensor, trace: Optional[torch.Tensor]) -> torch.Tensor:
+    """FK numerator of the Λ-aware proposal (rate = num/σ⁴ per unit σ², up to a particle-independent constant).
+
+    Moving with dy = (S/Λ) d(σ²) + dW/√Λ (the consensus D̄ as one model at noise σ/√Λ) towards
+    π_σ ∝ Π_k p_{k,σ}^{W_k}, the Feynman-Kac rate ∂_t log π + ∇·b + b·∇log π − ½ Σ_i a_i (∂_i² + (∂_i log π)²)
+    reduces, with ∂_i s_k,i = (Cov_k,ii/σ² − 1)/σ² (Tweedie), to
+        num = −½ Σ_elements [ (1 − 1/Λ) Σ_k W_k (Cov_k[x0|y] − σ²) + Σ_k W_k (D_k − D̄)² ];
+    the Λ(Λ−1)‖D̄ − y‖² term of the summed-score SDE, which grows like d, is gone. ``trace`` is the
+    per-element Σ_k W_k (1 − 1/Λ) (Cov_k − σ²) (None drops it: exact where Λ = 1).
+    """
+    per_elem = spread if trace is None else spread + trace
+    return -0.5 * per_elem.reshape(per_elem.shape[0], -1).sum(1)
 
 
 def fk_increment(num_from: torch.Tensor, num_to: torch.Tensor, s_from: float, s_to: float) -> torch.Tensor:
@@ -184,13 +241,19 @@ class _Eval:
     num: torch.Tensor  # FK corrector numerator per particle
     lam: Optional[torch.Tensor]  # Λ per element, None for a plain model
     x0: torch.Tensor  # what judges score: consensus D̄ of the experts (D for a plain model)
+    elem: Optional[torch.Tensor] = None  # per-element FK numerator (N, d) when FK weights were computed
 
 
 class _Evaluator:
-    """Evaluates the (combined) model on particles in chunks, in VE coordinates, counting calls."""
+    """Evaluates the (combined) model on particles in chunks, in VE coordinates, counting calls.
+
+    ``proposal`` picks the FK numerator: "summed" (reverse SDE of the summed score, Skreta et al. 2025)
+    or "lambda" (the consensus D̄ as one model at noise σ/√Λ, :func:`fk_lambda_numerator`), whose trace
+    term comes from the model's exact posterior variances or a Hutchinson estimate (``trace``).
+    """
 
     def __init__(self, model, extra_args, parameterization, fk_mode, chunk, batch, interrupt=None,
-                 need_consensus=False):
+                 need_consensus=False, proposal="summed", trace="auto", trace_probes=1, rademacher=None):
         self.model = model
         self.need_consensus = need_consensus  # judges score D̄, so the components are needed even without FK
         self.interrupt = interrupt
@@ -199,8 +262,15 @@ class _Evaluator:
         self.flow = is_flow(parameterization)
         self.fk_mode = fk_mode
         self.chunk = max(batch, (chunk // batch) * batch) if chunk else None
+        self.batch = batch
+        self.proposal = proposal
+        self.trace = trace
+        self.trace_probes = int(trace_probes)
+        self.rademacher = rademacher  # shape -> ±1 tensor from the sampler's generator
         self.calls = 0
+        self.trace_calls = 0  # model calls per particle spent on Hutchinson probes (included in calls)
         self.particle_evals = 0
+        self.trace_source = None  # "exact" | "hutchinson" once a trace was needed
 
     def native(self, y: torch.Tensor, s_ve: float) -> tuple[torch.Tensor, float]:
         if not self.flow:
@@ -208,53 +278,115 @@ class _Evaluator:
         s = 1.0 if math.isinf(s_ve) else s_ve / (1.0 + s_ve)
         return y * (1.0 - s), s
 
+    def _call(self, xc, s, want_variance=False):
+        capture = PoECapture(want_variance=want_variance)
+        options = dict(self.base_options)
+        options[POE_CAPTURE_KEY] = capture
+        sig = torch.full((xc.shape[0],), s, dtype=xc.dtype, device=xc.device)
+        denoised = self.model(xc, sig, model_options=options, **self.extra_args)
+        if not torch.isfinite(denoised).all():
+            raise FloatingPointError(f"the model returned non-finite predictions at sigma={s:.4g}")
+        return denoised, capture.predictions
+
+    def _trace_term(self, yc, s_ve, s_nat, preds, comps, lam):
+        """Σ_k W_k (1 − 1/Λ) (diag Cov_k[x0 | y] − σ²) per element (the Λ-aware weights' trace term; the −σ²
+        is the particle-independent part that keeps log Ẑ exact and the rate finite as σ → 0).
+
+        Exact from the model's posterior variances when it gives them; else Hutchinson with Rademacher
+        probes z and a forward difference of the experts' predictions, Cov_k = σ² ∂D_k/∂y (Tweedie):
+        diag ≈ z ⊙ (D_k(y + h z) − D_k(y)) σ² / h, h = 0.01 σ — one extra model call per probe. The probe is
+        shared by the particles of a batch item (common random numbers): only differences between particles
+        enter the weights, and where Cov_k does not depend on the particle its probe noise cancels exactly.
+        """
+        mode = "full" if self.fk_mode == "off" else self.fk_mode
+        coef = 1.0 - 1.0 / lam
+        if self.trace in ("auto", "exact"):
+            var = preds.components(yc, mode, variances=True)
+            if var is not None:
+                self.trace_source = "exact"
+                out = torch.zeros_like(lam)
+                for (v, w) in var:
+                    out = out + torch.as_tensor(w, dtype=torch.float64, device=yc.device) * v.to(torch.float64)
+                return coef * (out - lam * s_ve**2)
+            if self.trace == "exact":
+                raise ValueError('trace="exact" needs a model that gives posterior variances (the analytic experts '
+                                 'do); use trace="hutchinson" or "auto" for real networks')
+        self.trace_source = "hutchinson"
+        h = 0.01 * s_ve
+        est = torch.zeros_like(lam)
+        for _ in range(self.trace_probes):
+            z = self.rademacher((self.batch,) + tuple(yc.shape[1:])).to(device=yc.device, dtype=yc.dtype)
+            z = z.repeat((yc.shape[0] // self.batch,) + (1,) * (yc.ndim - 1))
+            xp, _ = self.native(yc + h * z, s_ve)
+            _, preds_p = self._call(xp, s_nat)
+            comps_p = preds_p.components(xp, mode)
+            acc = torch.zeros_like(lam)
+            for (d0, w), (d1, _) in zip(comps, comps_p):
+                acc = acc + torch.as_tensor(w, dtype=torch.float64, device=yc.device) * (d1.to(torch.float64) - d0.to(torch.float64))
+            est = est + z.to(torch.float64) * acc * (s_ve**2 / h)
+        return coef * (est / self.trace_probes - lam * s_ve**2)
+
     def __call__(self, y, s_ve: float, x_native: Optional[torch.Tensor] = None, count: bool = True,
                  need_lam: bool = False):
-        """Model outputs at VE state y: combined D, FK numerator (N,), Λ (or None) and the x̂0 judges see.
+        """Model outputs at VE state y: combined D, FK numerator (N,), Λ (or None) and the consensus x̂0.
 
         Judges see the experts' consensus D̄ = Σ W_k D_k / Λ rather than the combined D = y + Λ (D̄ − y):
         both agree for a single or CFG'd model (Λ = 1) and as σ → 0, but for Λ ≠ 1 the combined
         prediction extrapolates to ≈ (1 − Λ) y at high noise, which no reward can judge sensibly.
+        The Λ-aware proposal moves with D̄ too.
 
         ``x_native`` is given instead of y when the VE state is infinite (a flow model at σ = 1).
-        The per-expert components are only reduced when something needs them (FK weights, judges, Λ):
-        the naive baseline pays nothing beyond the model call.
+        The per-expert components are only reduced when something needs them (FK weights, judges, Λ,
+        the Λ-aware proposal): the naive baseline pays nothing beyond the model call.
         """
         fk_here = self.fk_mode != "off" and not math.isinf(s_ve)
-        use_components = fk_here or self.need_consensus or need_lam
+        lam_prop = self.proposal == "lambda"
+        use_components = fk_here or self.need_consensus or need_lam or lam_prop
+        want_var = fk_here and lam_prop and self.trace in ("auto", "exact")
         if self.interrupt is not None:
             self.interrupt()
         x, s = self.native(y, s_ve) if x_native is None else (x_native, 1.0)
         n = x.shape[0]
         step = self.chunk or n
-        outs, nums, lams, consensus = [], [], [], []
+        outs, nums, lams, consensus, elems = [], [], [], [], []
+        traced = False
         for start in range(0, n, step):
             xc = x[start:start + step]
-            capture = PoECapture()
-            options = dict(self.base_options)
-            options[POE_CAPTURE_KEY] = capture
-            sig = torch.full((xc.shape[0],), s, dtype=xc.dtype, device=xc.device)
-            denoised = self.model(xc, sig, model_options=options, **self.extra_args)
-            if not torch.isfinite(denoised).all():
-                raise FloatingPointError(f"the model returned non-finite predictions at sigma={s:.4g}")
+            denoised, preds = self._call(xc, s, want_var)
             outs.append(denoised)
             num = torch.zeros(xc.shape[0], dtype=torch.float64, device=xc.device)
             x0 = denoised
-            if capture.predictions is not None and use_components:
+            if preds is not None and use_components:
                 mode = "full" if self.fk_mode == "off" else self.fk_mode
                 ref = xc if math.isinf(s_ve) else y[start:start + step]
-                fk_num, lam, d_bar = fk_product_numerator(ref, capture.predictions.components(xc, mode))
+                comps = preds.components(xc, mode)
+                if lam_prop and fk_here:
+                    lam, d_bar, spread = fk_consensus(comps, ref)
+                    tr = None
+                    if self.trace != "off" and bool((lam != 1).any()):
+                        tr = self._trace_term(ref, s_ve, s, preds, comps, lam)
+                        traced = traced or self.trace_source == "hutchinson"
+                    num = fk_lambda_numerator(spread, tr)
+                    elems.append(-0.5 * (spread if tr is None else spread + tr).reshape(xc.shape[0], -1))
+                else:
+                    lam, d_bar, spread = fk_consensus(comps, ref)
+                    if fk_here:
+                        elem = 0.5 * (lam * (lam - 1) * (d_bar - ref.to(torch.float64)) ** 2 - spread)
+                        elems.append(elem.reshape(xc.shape[0], -1))
+                        num = elem.reshape(xc.shape[0], -1).sum(1)
                 lams.append(lam)
                 x0 = d_bar.to(denoised.dtype)
-                if fk_here:
-                    num = fk_num
             nums.append(num)
             consensus.append(x0)
         if count:
             self.calls += 1
-        self.particle_evals += n
+            if traced:
+                self.calls += self.trace_probes
+                self.trace_calls += self.trace_probes
+        self.particle_evals += n * (1 + (self.trace_probes if traced else 0))
         lam = torch.cat(lams) if len(lams) == len(outs) else None
-        return _Eval(torch.cat(outs), torch.cat(nums), lam, torch.cat(consensus))
+        elem = torch.cat(elems) if len(elems) == len(outs) else None
+        return _Eval(torch.cat(outs), torch.cat(nums), lam, torch.cat(consensus), elem)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,6 +426,13 @@ def sample_poe_smc(
     report: Optional[SMCReport] = None,
     resample_at=None,
     final_correction: bool = False,
+    proposal: str = "lambda",
+    trace: str = "auto",
+    trace_probes: int = 1,
+    guard: str = "fallback",
+    guard_diversity: float = 0.7,
+    guard_dims: float = 64.0,
+    fk_clip: Optional[float] = None,
 ) -> torch.Tensor:
     """Sample a product of experts with SMC; k-diffusion signature (ComfyUI KSAMPLER wraps it as is).
 
@@ -319,11 +458,27 @@ def sample_poe_smc(
     resample_every and the ESS rule); final_correction (weightings paper / max / sum: the final weights become
     the final potential minus the potentials already used at the ancestors' resamplings, FK steering's
     terminal correction, so the weights target p(x)·exp(Σ γ r(x0)); default off, as before).
+    proposal: "lambda" (default) moves with the experts' consensus D̄ as one model at noise σ/√Λ, which
+    removes the Λ(Λ−1)‖D̄ − y‖² term (∝ d) from the FK weights (:func:`fk_lambda_numerator`); "summed" is the
+    reverse SDE of the summed score (Skreta et al. 2025, the paper-faithful corrector). trace: the Λ-aware
+    weights' posterior-covariance term, "auto" (exact when the model gives posterior variances, else
+    Hutchinson), "exact", "hutchinson" (``trace_probes`` extra model calls per level, counted) or "off".
+    guard "fallback" | "off": every resampling driven by the FK weights keeps (1 − 1/ESS_FK)/(1 − 1/L) of the
+    population's diversity (n effective draws keep 1 − 1/n of the variance); a resampling that would bring an
+    item's retained share (the product over its resamplings) below ``guard_diversity`` is not made: that
+    item's FK weights are dropped and switched off from there (the proposal continues unweighted, judges
+    keep weighting) and the report says so. The same happens when the weights' spread across particles is
+    carried by more than ``guard_dims`` latent elements (participation ratio of the per-element FK
+    numerators): a correction spread over that many elements is noise that L particles cannot resolve
+    (measured: experts that differ in every element at d ≥ 1,024). fk_clip c: the FK-corrector authors' image recipe, the per-level FK
+    increment centred across particles and clipped to [−c, c], resampling at every level (stable, biased).
+    Resampling decisions are per batch item: one item's degenerate weights never resample another's.
     Returns (B, ...) for argmax / sample, (B·L, ...) item-major for resample / all.
     """
     _check_options(particles, mcmc_steps, mcmc, fk_correction, weighting, tempering, resampling, ess_threshold,
                    resample_every, selection, step_scale, eta, sigmas, x)
     schedule = _resampling_schedule(resample_at, len(sigmas))
+    _check_new_options(proposal, trace, trace_probes, guard, guard_diversity, guard_dims, fk_clip)
     extra_args = dict(extra_args or {})
     param = canonical_parameterization(parameterization or getattr(model, "parameterization", None) or "eps")
     flow = is_flow(param)
@@ -334,7 +489,9 @@ def sample_poe_smc(
     report.particles = particles
     report.options = dict(particles=particles, eta=eta, mcmc_steps=mcmc_steps, mcmc=mcmc, step_scale=step_scale,
                           adapt_step=adapt_step, fk_correction=fk_correction, weighting=weighting, resampling=resampling,
-                          ess_threshold=ess_threshold, twist=twist, selection=selection, seed=seed)
+                          ess_threshold=ess_threshold, twist=twist, selection=selection, seed=seed, proposal=proposal,
+                          trace=trace, trace_probes=trace_probes, guard=guard,
+                          guard_diversity=guard_diversity, guard_dims=guard_dims, fk_clip=fk_clip)
     if schedule is not None or final_correction:
         report.options.update(resample_at=None if schedule is None else sorted(schedule),
                               final_correction=final_correction)
@@ -347,11 +504,16 @@ def sample_poe_smc(
     sig_native = [float(s) for s in sigmas]
     sig_ve = [sigma_to_ve(s, param) for s in sig_native]
     n_levels = len(sig_native)
-    evaluator = _Evaluator(model, extra_args, param, fk_correction, chunk_size, B, interrupt,
-                           need_consensus=bool(judges))
 
     def noise_like(t: torch.Tensor) -> torch.Tensor:
         return torch.randn(t.shape, generator=gen, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
+
+    def rademacher(shape) -> torch.Tensor:
+        return torch.randint(0, 2, tuple(shape), generator=gen, dtype=torch.int8).to(torch.float32) * 2 - 1
+
+    evaluator = _Evaluator(model, extra_args, param, fk_correction, chunk_size, B, interrupt,
+                           need_consensus=bool(judges), proposal=proposal, trace=trace, trace_probes=trace_probes,
+                           rademacher=rademacher)
 
     interim = intermediate_judges(judges, tempering)
 
@@ -423,15 +585,24 @@ def sample_poe_smc(
             x_init = x_part / lam.repeat((L,) + (1,) * (lam.ndim - 1)).sqrt().to(x_part.dtype)
     if start_inf:
         y = None
-        ev = evaluator(None, s0, x_native=x_init)
+        ev = evaluator(None, s0, x_native=x_init, need_lam=True)
         eps_hat = x_init  # a flow state at σ = 1 is pure noise: ε̂ = x
     else:
         y = x_init / (1.0 - sig_native[0]) if flow else x_init
-        ev = evaluator(y, s0)
+        ev = evaluator(y, s0, need_lam=True)
         eps_hat = None
-    D, num, X0 = ev.D, ev.num, ev.x0
+    D, num, X0, lam_t = ev.D, ev.num, ev.x0, ev.lam
+    elem = ev.elem
+    lam_prop = proposal == "lambda" and lam_t is not None
+    # √Λ per element for the Λ-aware move (and the correctly scaled first move of a flow model)
+    inv_sqrt_lam = None if lam_t is None else lam_t.rsqrt().to(x_part.dtype)
 
     log_w = torch.zeros(L, B, dtype=torch.float64)
+    fk_w = torch.zeros(L, B, dtype=torch.float64)  # FK part of log_w since the last resampling (for the guard)
+    fk_on = torch.ones(B, dtype=torch.bool)
+    retained = torch.ones(B, dtype=torch.float64)  # diversity share kept through FK-driven resampling (guard)
+    report.guard_events = []
+    report.resampled_items = []
     log_z = torch.zeros(B, dtype=torch.float64)
     replace_term = torch.zeros(L, B, dtype=torch.float64)  # paper / max / sum: current (non-accumulated) weight
     used_potential = torch.zeros(L, B, dtype=torch.float64)  # final_correction: Σ replace_term at ancestors' resamplings
@@ -444,10 +615,23 @@ def sample_poe_smc(
 
     for i in range(n_levels):
         # ---- weights for arriving at level i -----------------------------------------------------
+        fk_applied = False
         if i > 0:
             log_w += move_correction.reshape(L, B).cpu()
+            inc = None
             if fk_correction != "off" and not math.isinf(sig_ve[i - 1]):
-                log_w += fk_increment(num_prev, num, sig_ve[i - 1], sig_ve[i]).reshape(L, B).cpu()
+                inc = fk_increment(num_prev, num, sig_ve[i - 1], sig_ve[i]).reshape(L, B).cpu()
+            elif fk_correction != "off" and lam_prop and sig_ve[i] > 0:
+                # first move of a flow model from σ = 1 (σ_ve = ∞): ∫ num/σ⁴ d(σ²) over [σ_1, ∞) with num
+                # at its σ_1 value (num tends to a constant as σ → ∞ for the Λ-aware weights)
+                inc = fk_increment(num, num, math.inf, sig_ve[i]).reshape(L, B).cpu()
+            if inc is not None:
+                if fk_clip is not None:
+                    inc = (inc - inc.mean(0, keepdim=True)).clamp(-fk_clip, fk_clip)
+                inc = torch.where(fk_on[None], inc, torch.zeros_like(inc))
+                log_w += inc
+                fk_w += inc
+                fk_applied = True
         final = i == n_levels - 1
         if use_judges and active[i] and (weighting != "none" or final):
             pot = potential(X0, y if y is not None else D, i)
@@ -468,28 +652,69 @@ def sample_poe_smc(
         report.ess.append(effective_sample_size(total_w))
         report.sigmas.append(sig_native[i])
 
-        # ---- resampling --------------------------------------------------------------------------
-        resample_now = False
-        if schedule is not None:
-            resample_now = not final and L > 1 and i in schedule
+        # ---- resampling (decided per batch item) --------------------------------------------------
+        need = torch.zeros(B, dtype=torch.bool)
+        if schedule is not None:  # FK steering: every item at the scheduled levels, whatever the ESS
+            if not final and L > 1 and i in schedule:
+                need = torch.ones(B, dtype=torch.bool)
         elif not final and L > 1 and i % resample_every == 0:
-            if weighting in ("paper", "max", "sum") and use_judges and active[i]:
-                resample_now = True
-            elif (report.ess[-1] < ess_threshold * L).any():
-                resample_now = True
+            if (weighting in ("paper", "max", "sum") and use_judges and active[i]) or (fk_clip is not None and fk_applied):
+                need = torch.ones(B, dtype=torch.bool)
+            else:
+                need = report.ess[-1] < ess_threshold * L
+        resample_now = bool(need.any())
         report.resampled.append(resample_now)
+        report.resampled_items.append(need)
+        if resample_now and fk_applied and L > 1:
+            # ---- collapse guard: a resampling on FK weights that would leave too little diversity is not made;
+            # the item's FK weights are dropped and switched off from here (checked before resampling)
+            fk_ess = effective_sample_size(fk_w)
+            # a population of n effective independent draws keeps (1 − 1/n) of the variance
+            keep = ((1.0 - 1.0 / fk_ess) / (1.0 - 1.0 / L)).clamp(0.0, 1.0)
+            if guard == "fallback" and fk_clip is None:
+                dims = torch.zeros(B, dtype=torch.float64)
+                if elem is not None:  # participation ratio of the elements in the weights' spread across particles
+                    v = elem.reshape(L, B, -1).cpu().var(0)
+                    dims = v.sum(1) ** 2 / (v**2).sum(1).clamp_min(1e-300)
+                too_wide = dims > guard_dims
+                fire = fk_on & need & ((retained * keep < guard_diversity) | too_wide)
+                for b in torch.nonzero(fire).flatten().tolist():
+                    report.guard_events.append(dict(
+                        level=i, sigma=sig_native[i], item=b, ess=float(fk_ess[b]), retained=float(retained[b] * keep[b]),
+                        dims=float(dims[b]),
+                        action=f"item {b}, level {i} (σ={sig_native[i]:.4g}): resampling on the FK corrector weights (ESS "
+                               f"{float(fk_ess[b]):.2f} of {L}, spread over ≈{float(dims[b]):.0f} latent elements, limit "
+                               f"{guard_dims:g}) would keep {float(retained[b] * keep[b]):.2f} of the population's diversity "
+                               f"(limit {guard_diversity}); FK weights dropped and off from here, the "
+                               f"{'Λ-aware' if lam_prop else 'summed-score'} proposal continues unweighted (the product "
+                               "is no longer corrected for this item)"))
+                if bool(fire.any()):
+                    fk_on = fk_on & ~fire
+                    drop = fire[None].to(torch.float64)
+                    log_w = log_w - drop * fk_w
+                    fk_w = fk_w * (1 - drop)
+                    total_w = log_w + replace_term
+                    forced = ((weighting in ("paper", "max", "sum") and use_judges and active[i])
+                              or (schedule is not None and i in schedule))
+                    need = need & (~fire | torch.as_tensor(forced) | (effective_sample_size(total_w) < ess_threshold * L))
+                    resample_now = bool(need.any())
+                    report.resampled[-1] = resample_now
+                    report.resampled_items[-1] = need
+            retained = torch.where(need & fk_on, retained * keep, retained)
         if resample_now:
-            log_z += log_mean_weight(total_w)
+            log_z += torch.where(need, log_mean_weight(total_w), torch.zeros_like(log_z))
             anc = resample_indices(total_w, resampling, gen)  # (L, B)
+            anc = torch.where(need[None], anc, torch.arange(L)[:, None].expand(L, B))
             flat = (anc * B + torch.arange(B)[None]).reshape(-1).to(D.device)
             D, num, X0, pot_prev = D[flat], num[flat], X0[flat], pot_prev[flat]
             y = y[flat] if y is not None else None
             eps_hat = eps_hat[flat] if eps_hat is not None else None
             if running is not None:
                 running = running[flat]
-            used_potential = torch.gather(used_potential + replace_term, 0, anc)
-            log_w = torch.zeros(L, B, dtype=torch.float64)
-            replace_term = torch.zeros(L, B, dtype=torch.float64)
+            # potentials already paid for at resamplings (FK steering's final correction), per resampled item
+            used_potential = torch.where(need[None], torch.gather(used_potential + replace_term, 0, anc), used_potential)
+            keep = (~need)[None].to(torch.float64)
+            log_w, replace_term, fk_w = log_w * keep, replace_term * keep, fk_w * keep
 
         if callback is not None:
             best = torch.argmax(log_w + replace_term, dim=0)
@@ -515,30 +740,38 @@ def sample_poe_smc(
         # ---- move to level i+1 ---------------------------------------------------------------------
         s_from, s_to = sig_ve[i], sig_ve[i + 1]
         down, up = ancestral_sigmas(s_from, s_to, eta)
+        # Λ-aware move: the consensus D̄ as one model at noise σ/√Λ (drift and noise variance scaled by 1/Λ);
+        # from σ = 1 (flow) both proposals start at the product's scale σ_1/√Λ, not σ_1
+        scaled = lam_prop or (y is None and inv_sqrt_lam is not None)
+        up_t = up * inv_sqrt_lam if (scaled and inv_sqrt_lam is not None) else up
         if y is None:
             base_mean = D + down * eps_hat
+        elif lam_prop:
+            base_mean = X0 + (down / s_from) * (y - X0)
         else:
             base_mean = D + (down / s_from) * (y - D)
         mean = base_mean
         move_correction = torch.zeros(N, dtype=torch.float64, device=x.device)
         if twisting and active[i] and y is not None and s_to > 0:
             drift_coef = (1.0 - down / s_from) * s_from**2
+            if lam_prop:
+                drift_coef = drift_coef * inv_sqrt_lam**2
             mean = base_mean + drift_coef * twist_grad(y, i)
             if up > 0:  # exact proposal correction: log N(y'; base, up²) − log N(y'; twisted, up²)
                 z = noise_like(y)
-                y_new = mean + up * z
-                move_correction = _sumdims(((y_new - mean) ** 2 - (y_new - base_mean) ** 2).to(torch.float64)) / (2 * up**2)
+                y_new = mean + up_t * z
+                move_correction = _sumdims((((y_new - mean) ** 2 - (y_new - base_mean) ** 2) / (2 * up_t**2)).to(torch.float64))
             else:
                 y_new = mean
         else:
-            y_new = mean + up * noise_like(mean) if up > 0 else mean
+            y_new = mean + up_t * noise_like(mean) if up > 0 else mean
         num_prev = num
         y, eps_hat = y_new, None
         if s_to == 0:
             D, X0, num = y, y, torch.zeros(N, dtype=torch.float64, device=x.device)
         else:
             ev = evaluator(y, s_to)
-            D, num, X0 = ev.D, ev.num, ev.x0
+            D, num, X0, elem = ev.D, ev.num, ev.x0, ev.elem
 
     # ---- selection ---------------------------------------------------------------------------------
     final_w = log_w + replace_term
@@ -547,6 +780,8 @@ def sample_poe_smc(
     report.final_log_weights = final_w
     report.final_potentials = (pot_prev / betas[-1]).reshape(L, B).cpu() if use_judges else None
     report.model_calls_per_particle = evaluator.calls
+    report.trace_calls_per_particle = evaluator.trace_calls
+    report.trace_source = evaluator.trace_source
     report.particle_evals = evaluator.particle_evals
     out_nat = evaluator.native(y, sig_ve[-1])[0] if sig_native[-1] > 0 else y
     mode = selection if selection != "auto" else ("argmax" if use_judges else "sample")
@@ -626,6 +861,28 @@ def _resampling_schedule(resample_at, n_levels: int) -> Optional[set]:
     return set(levels)
 
 
+PROPOSALS = ("lambda", "summed")
+TRACES = ("auto", "exact", "hutchinson", "off")
+GUARDS = ("fallback", "off")
+
+
+def _check_new_options(proposal, trace, trace_probes, guard, guard_diversity, guard_dims, fk_clip):
+    if proposal not in PROPOSALS:
+        raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
+    if trace not in TRACES:
+        raise ValueError(f"trace must be one of {TRACES}, got {trace!r}")
+    if not (isinstance(trace_probes, int) and trace_probes >= 1):
+        raise ValueError(f"trace_probes must be an integer >= 1, got {trace_probes!r}")
+    if guard not in GUARDS:
+        raise ValueError(f"guard must be one of {GUARDS}, got {guard!r}")
+    if not 0.0 <= guard_diversity <= 1.0:
+        raise ValueError(f"guard_diversity must lie in [0, 1], got {guard_diversity!r}")
+    if not guard_dims > 0:
+        raise ValueError(f"guard_dims must be positive, got {guard_dims!r}")
+    if fk_clip is not None and not fk_clip > 0:
+        raise ValueError(f"fk_clip must be positive (or None), got {fk_clip!r}")
+
+
 def _check_options(particles, mcmc_steps, mcmc, fk_correction, weighting, tempering, resampling, ess_threshold,
                    resample_every, selection, step_scale, eta, sigmas, x):
     def need(cond, msg):
@@ -661,7 +918,8 @@ def sample_naive_composition(model, x, sigmas, extra_args=None, callback=None, d
     """
     return sample_poe_smc(model, x, sigmas, extra_args, callback, disable, particles=1, judges=judges, decode=decode,
                           eta=eta, fk_correction="off", weighting="none", twist=twist, selection="all", seed=seed,
-                          report=report, parameterization=parameterization, mcmc_steps=0, tempering="constant")
+                          report=report, parameterization=parameterization, mcmc_steps=0, tempering="constant",
+                          proposal="summed", guard="off")
 
 
 def sample_best_of_n(model, x, sigmas, extra_args=None, callback=None, disable=None, *, n: int = 4, judges=(),
@@ -670,4 +928,4 @@ def sample_best_of_n(model, x, sigmas, extra_args=None, callback=None, disable=N
     return sample_poe_smc(model, x, sigmas, extra_args, callback, disable, particles=n, judges=judges, decode=decode,
                           eta=eta, fk_correction="off", weighting="none", selection="argmax" if judges else "sample",
                           seed=seed, report=report, parameterization=parameterization, mcmc_steps=0,
-                          chunk_size=chunk_size, tempering="constant")
+                          chunk_size=chunk_size, tempering="constant", proposal="summed", guard="off")

@@ -73,6 +73,24 @@ def test_feynman_kac_weights_reach_the_smc_sampler_inside_comfyui(comfy_server, 
     assert min(traces[2]) < 3.99
 
 
+def test_smc_sampler_node_reports_through_the_report_node(comfy_server, tiny_checkpoint_name):
+    """PoE AIS/SMC Sampler inside SamplerCustomAdvanced: PoE SMC Report shows resampling, ESS, the guard and the
+    Hutchinson trace calls of the default Λ-aware weights (two full-weight experts: Λ = 2)."""
+    p, last = _base(tiny_checkpoint_name, cfg=1.0)
+    p["8"] = {"class_type": "PoECombine", "inputs": {"experts": [last, 0]}}
+    p["9"] = {"class_type": "PoESMCSampler", "inputs": {**SMC, "particles": 3}}
+    p["10"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 3, "denoise": 1.0}}
+    p["11"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}}
+    p["12"] = {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["11", 0], "guider": ["8", 0], "sampler": ["9", 0],
+                                                                "sigmas": ["10", 0], "latent_image": ["7", 0]}}
+    p["13"] = {"class_type": "PoESMCReport", "inputs": {"sampler": ["9", 0], "latent": ["12", 0]}}
+    entry = comfy_server.run(_decode_save(p, "12", "poe_smc_report"))
+    text = entry["outputs"]["13"]["text"][0]
+    assert "resampled at" in text and "ESS trace" in text and "min ESS/L" in text
+    assert "proposal lambda" in text and "trace hutchinson" in text and "collapse guard" in text
+    assert "for Hutchinson trace probes" in text
+
+
 def test_selection_all_returns_every_particle(comfy_server, tiny_checkpoint_name):
     p, last = _base(tiny_checkpoint_name)
     p["20"] = _sample_node(last, particles=3, selection="all")
