@@ -40,7 +40,8 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 
-from .fileio import atomic_write_text
+from .cli import nonnegative_int, positive_float, positive_int
+from .fileio import OutputPathError, atomic_write_text, check_output_file
 
 JOB_KEYS = {"id", "set"}
 FINAL_STATUSES = ("success", "failed", "interrupted", "rejected", "invalid", "error", "timeout")
@@ -784,22 +785,6 @@ def run_batch(servers, workflow: dict, jobs: list[Job], out: str | None = None, 
 # --------------------------------------------------------------------------- CLI
 
 
-def _number(kind, low, what: str, strict: bool = False):
-    """argparse type: ``kind(text)`` that is >= low (> low when ``strict``), else an error naming ``what``."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-    return parse
-
-
-_positive_int = _number(int, 1, "a positive integer")
-_non_negative_int = _number(int, 0, "an integer >= 0")
-_positive_float = _number(float, 0.0, "a positive number", strict=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -811,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ComfyUI base URL; repeat for several servers (default http://127.0.0.1:8188)")
     parser.add_argument("--servers-file", metavar="FILE",
                         help="file with one server a line: 'URL' or 'URL LIMIT' ('#' comments); adds to --server")
-    parser.add_argument("--per-server", type=_positive_int, default=2, metavar="N",
+    parser.add_argument("--per-server", type=positive_int, default=2, metavar="N",
                         help="jobs queued on a server at a time, counting its own queue (default 2: one running, "
                              "one waiting)")
     parser.add_argument("--workflow", required=True, help="API-format workflow JSON (ComfyUI menu: Export (API))")
@@ -821,13 +806,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "default: the --resume manifest")
     parser.add_argument("--resume", metavar="MANIFEST",
                         help="skip the jobs this earlier manifest lists as success with the same overrides")
-    parser.add_argument("--retries", type=_non_negative_int, default=2,
+    parser.add_argument("--retries", type=nonnegative_int, default=2,
                         help="times a job is queued again after its server stopped answering (default 2)")
-    parser.add_argument("--timeout", type=_positive_float, default=3600.0,
+    parser.add_argument("--timeout", type=positive_float, default=3600.0,
                         help="seconds to wait for the whole batch")
-    parser.add_argument("--request-timeout", type=_positive_float, default=30.0,
+    parser.add_argument("--request-timeout", type=positive_float, default=30.0,
                         help="seconds one HTTP request may take before the server counts as not answering")
-    parser.add_argument("--poll", type=_positive_float, default=1.0, help="seconds between /history checks")
+    parser.add_argument("--poll", type=positive_float, default=1.0, help="seconds between /history checks")
     parser.add_argument("--no-websocket", action="store_true", help="poll /history only")
     parser.add_argument("--dry-run", action="store_true",
                         help="resolve the overrides, print the prompts (JSONL), queue nothing; "
@@ -843,6 +828,10 @@ def main(argv=None) -> int:
     if not args.out and not args.resume:
         parser.error("--out is required (or --resume MANIFEST, which is then rewritten)")
     out = args.out or args.resume
+    try:
+        check_output_file(out, "manifest (--out)")  # a directory or a path under a file: refused before any job
+    except OutputPathError as err:
+        parser.error(str(err))
     try:
         workflow = load_workflow(args.workflow)
         jobs = load_jobs(args.overrides)

@@ -519,3 +519,17 @@ def test_missing_aiohttp_names_the_extra(tmp_path, monkeypatch, capsys):
     assert main(["--workflow", str(wf), "--overrides", str(jobs), "--out", str(tmp_path / "m.json")]) == 2
     assert "pip install 'comfy-poe[batch]'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "m.json")
+
+
+@pytest.mark.parametrize("bad", [["--out", "{dir}"], ["--out", "{file}/m.json"], ["--timeout", "nan"],
+                                 ["--poll", "0"], ["--per-server", "0"], ["--retries", "-1"]])
+def test_bad_options_are_refused_before_any_job(tmp_path, capsys, bad):
+    wf = tmp_path / "wf_api.json"
+    wf.write_text(json.dumps(WORKFLOW))
+    args = ["--server", "http://127.0.0.1:9", "--workflow", str(wf), "--overrides", str(tmp_path / "j.jsonl"),
+            "--out", str(tmp_path / "m.json")]
+    args += [v.format(dir=tmp_path, file=wf) for v in bad]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and (bad[0] in err or "manifest" in err), err
