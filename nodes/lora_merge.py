@@ -8,6 +8,8 @@ merge layer by layer whatever their spelling, and the output is written with the
 """
 from __future__ import annotations
 
+import math
+
 import comfy.lora
 import comfy.model_management
 import comfy.sd
@@ -45,13 +47,23 @@ def model_key_resolver(model, clip):
 def stack_entries(lora_stack) -> list[tuple[str, float, float]]:
     """LORA_STACK as (name, model weight, clip weight); accepts the common (name, strength_model,
     strength_clip) tuples other packs' stacks produce."""
+    def weight(value, name: str, which: str) -> float:
+        try:
+            w = float(value)
+        except (TypeError, ValueError):
+            w = math.nan
+        if not math.isfinite(w):
+            raise ValueError(f"lora_stack: entry {name!r} has {which} strength {value!r}; give a finite number "
+                             "(check the LoRA stack node that produced it)")
+        return w
+
     entries = []
     for item in lora_stack or []:
         name, *strengths = item
         if name in (None, "None", ""):  # empty slots of other packs' stack nodes
             continue
-        model_w = float(strengths[0]) if strengths else 1.0
-        entries.append((name, model_w, float(strengths[1]) if len(strengths) > 1 else model_w))
+        model_w = weight(strengths[0], name, "model") if strengths else 1.0
+        entries.append((name, model_w, weight(strengths[1], name, "clip") if len(strengths) > 1 else model_w))
     return entries
 
 
