@@ -188,6 +188,18 @@ class PoEVLMJudge(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, questions=None, visual_prompt=None):
+        # widgets are known when the prompt is queued (None when linked: then checked in execute)
+        try:
+            if questions is not None and not parse_questions(questions):
+                return "questions: write at least one question, e.g. 'Is there a red car? | Yes | 2'"
+            if visual_prompt is not None:
+                parse_visual_prompt(visual_prompt)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, vlm, questions, mode, weight, visual_prompt, batch_size, judges=None) -> io.NodeOutput:
         judge = VLMJudge(vlm.payload, parse_questions(questions), mode, overlays=parse_visual_prompt(visual_prompt),
                          batch_size=batch_size, before_call=vlm.load)
@@ -218,6 +230,15 @@ class PoECLIPJudge(io.ComfyNode):
             ],
             outputs=[PoEJudges.Output(display_name="judges")],
         )
+
+    @classmethod
+    def validate_inputs(cls, prompts=None):
+        try:
+            if prompts is not None and not parse_prompts(prompts):
+                return "prompts: write at least one prompt, e.g. 'a high quality photo | 1.0'"
+        except ValueError as e:
+            return str(e)
+        return True
 
     @classmethod
     def execute(cls, model_name, prompts, negatives, weight, dtype, trust_remote_code, allow_pickle,

@@ -111,3 +111,15 @@ def test_workflow_scores_and_ranks_a_generated_batch(comfy_server, tiny_checkpoi
     with torch.no_grad():
         local = (vlm(saved) + clip(saved)).tolist()
     assert local == pytest.approx(scores[:2], abs=0.02)
+
+
+def test_empty_questions_and_prompts_are_refused_when_queued(comfy_server, tiny_checkpoint_name, tiny_models):
+    vlm_dir, clip_dir = tiny_models
+    for node, key, value, words in (("11", "questions", "  \n# only a comment\n", "at least one question"),
+                                    ("11", "visual_prompt", "circle: 0.5", "visual prompt line"),
+                                    ("12", "prompts", "\n", "at least one prompt")):
+        prompt = workflow(tiny_checkpoint_name, vlm_dir.name, clip_dir.name)
+        prompt[node]["inputs"][key] = value
+        prompt_id, resp = comfy_server.submit(prompt)
+        assert prompt_id is None, f"{key}={value!r} was queued"
+        assert words in json.dumps(resp["node_errors"]), resp
