@@ -172,10 +172,10 @@ def fixture_for_file(name: str) -> str | None:
         return "wan21_vae"
     if "wan" in n:
         return "wan21"
+    if n in ("ae.safetensors", "ae.sft") or "flux_vae" in n or "sd3_vae" in n or "sd3.5_vae" in n:
+        return "ae16"
     if "sd3" in n:
         return "sd3"
-    if n in ("ae.safetensors", "ae.sft") or "flux_vae" in n or "sd3_vae" in n:
-        return "ae16"
     if "xl" in n:
         return "sdxl"
     return None
