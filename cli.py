@@ -23,11 +23,27 @@ def _number(text: str, kind: type, what: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int, "a whole number >= 1")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
-    return value
+def _checked(name: str, kind: type, what: str, ok: Callable) -> Callable[[str], int | float]:
+    """argparse type: ``kind(text)`` (finite for floats) for which ``ok(value)`` holds, else "must be <what>"."""
+
+    def parse(text: str):
+        value = _number(text, kind, what)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+positive_int = _checked("positive_int", int, "a whole number >= 1", lambda v: v >= 1)
+nonnegative_int = _checked("nonnegative_int", int, "a whole number >= 0", lambda v: v >= 0)
+# a seed torch accepts
+seed = _checked("seed", int, "a whole number from 0 to 2**63 - 1", lambda v: 0 <= v < 2**63)
+finite_float = _checked("finite_float", float, "a finite number", lambda v: True)
+positive_float = _checked("positive_float", float, "a finite number > 0", lambda v: v > 0)
+nonnegative_float = _checked("nonnegative_float", float, "a finite number >= 0", lambda v: v >= 0)
+fraction = _checked("fraction", float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
 
 
 def multiple_of_8(text: str) -> int:
@@ -39,58 +55,9 @@ def multiple_of_8(text: str) -> int:
     return value
 
 
-def nonnegative_int(text: str) -> int:
-    value = _number(text, int, "a whole number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
-    return value
-
-
-def seed(text: str) -> int:
-    """A seed torch accepts: a whole number in [0, 2**63)."""
-    value = _number(text, int, "a whole number >= 0")
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2**63 - 1, got {text}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    return _number(text, float, "a finite number")
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float, "a finite number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = _number(text, float, "a finite number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A number in (0, 1]."""
-    value = _number(text, float, "a number in (0, 1]")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
-    return value
-
-
 def int_in(low: int, high: int) -> Callable[[str], int]:
     """A whole number in [low, high] (e.g. a digit class 0..9)."""
-
-    def parse(text: str) -> int:
-        value = _number(text, int, f"a whole number from {low} to {high}")
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text}")
-        return value
-
-    parse.__name__ = f"int_{low}_{high}"
-    return parse
+    return _checked(f"int_{low}_{high}", int, f"a whole number from {low} to {high}", lambda v: low <= v <= high)
 
 
 def int_list(item: Callable[[str], int] = positive_int) -> Callable[[str], list[int]]:
