@@ -119,25 +119,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tiny):
+def two_process_launcher(kind: str) -> list:
+    """The command prefix that starts 2 CPU ranks (gloo). accelerate's GPU launcher (``--multi_gpu``) is
+    torch.distributed.run underneath and runs on a machine without GPUs; ``accelerate launch --cpu`` would
+    start one process (accelerate's multi-CPU mode goes through MPI)."""
+    port = str(_free_port())
+    if kind == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", port]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_equal_one(tiny, launcher):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "-m", "comfy_poe.training", "--config", str(write_config(tiny, "one"))],
-                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                          "-m", "comfy_poe.training", "--config", str(write_config(tiny, "two"))],
-                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if not (tiny / "out_one" / "lora.safetensors").exists():
+        one = subprocess.run([sys.executable, "-m", "comfy_poe.training", "--config", str(write_config(tiny, "one"))],
+                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert one.returncode == 0, one.stderr[-3000:]
+        assert "(1 process(es), 3 steps" in one.stdout
+    name = f"two_{launcher}"
+    two = subprocess.run([*two_process_launcher(launcher), "-m", "comfy_poe.training", "--config",
+                          str(write_config(tiny, name))], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "(2 process(es), 3 steps" in two.stdout and "(1 process(es), 3 steps" in one.stdout
-    a, b = lora(tiny, "one"), lora(tiny, "two")
+    assert "(2 process(es), 3 steps" in two.stdout
+    a, b = lora(tiny, "one"), lora(tiny, name)
     moved = max(float(v.abs().max()) for k, v in a.items() if k.endswith("lora_up.weight"))
     assert moved > 1e-3  # the LoRA trained (up starts at 0)
     assert max_diff(a, b) < 1e-5  # float summation order only
-    history = [json.loads((tiny / f"out_{n}" / "state.json").read_text())["history"] for n in ("one", "two")]
+    history = [json.loads((tiny / f"out_{n}" / "state.json").read_text())["history"] for n in ("one", name)]
     for r1, r2 in zip(*history):  # the recorded loss and grad norm are the whole batch's
         assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5) and r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-4)
-    assert sorted(os.listdir(tiny / "out_two")) == ["lora.safetensors", "state-3.safetensors", "state.json"]
+    assert sorted(os.listdir(tiny / f"out_{name}")) == ["lora.safetensors", "state-3.safetensors", "state.json"]
 
 
 def test_resume_after_interrupt_reproduces_uninterrupted(tiny):
