@@ -41,6 +41,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .cli import nonnegative_int, positive_float, positive_int
+from .extras import require_extra
 from .fileio import OutputPathError, atomic_write_text, check_output_file
 
 JOB_KEYS = {"id", "set"}
@@ -48,7 +49,6 @@ FINAL_STATUSES = ("success", "failed", "interrupted", "rejected", "invalid", "er
 # image-loading nodes whose image input may name a local file to upload: class_type -> input names
 IMAGE_LOADERS = {"LoadImage": ("image",), "LoadImageMask": ("image",)}
 UPLOAD_SUBFOLDER = "comfy_poe_batch"
-EXTRA_HINT = "pip install 'comfy-poe[batch]' (ComfyUI's own Python already has aiohttp and tqdm)"
 
 
 class BatchError(ValueError):
@@ -305,10 +305,10 @@ def load_resume(path: str) -> dict:
 
 
 def _require_aiohttp():
-    try:
-        import aiohttp
-    except ImportError:
-        raise BatchError(f"the batch runner needs aiohttp: {EXTRA_HINT}") from None
+    require_extra("batch", "The batch runner", modules=("aiohttp",), error=BatchError,
+                  hint="or run it with ComfyUI's own Python, which has aiohttp")
+    import aiohttp
+
     return aiohttp
 
 

@@ -14,8 +14,12 @@ from pathlib import Path
 PACK_DIR = Path(__file__).resolve().parent
 
 # extra -> {import name: pip name}; keep in sync with [project.optional-dependencies] in pyproject.toml
+# (tests/test_install.py checks it; the `test` extra is the union and is not listed)
 EXTRAS = {
     "digits": {"diffusers": "diffusers", "sklearn": "scikit-learn", "tqdm": "tqdm"},
+    "batch": {"aiohttp": "aiohttp", "tqdm": "tqdm"},
+    "train": {"accelerate": "accelerate", "diffusers": "diffusers"},
+    "hps": {"open_clip": "open-clip-torch"},
 }
 
 
@@ -23,19 +27,24 @@ class MissingExtraError(ImportError):
     """A feature was used whose optional packages are not installed."""
 
 
-def missing_packages(extra: str) -> list[str]:
-    """pip names of the packages of ``extra`` that cannot be imported here."""
-    return [pip for module, pip in EXTRAS[extra].items() if importlib.util.find_spec(module) is None]
+def missing_packages(extra: str, modules=None) -> list[str]:
+    """pip names of the packages of ``extra`` (or only of its import names ``modules``) that cannot be
+    imported here."""
+    wanted = EXTRAS[extra] if modules is None else {m: EXTRAS[extra][m] for m in modules}
+    return [pip for module, pip in wanted.items() if importlib.util.find_spec(module) is None]
 
 
-def require_extra(extra: str, feature: str) -> None:
-    """Raise :class:`MissingExtraError` naming the extra and its packages if any of them is missing."""
-    missing = missing_packages(extra)
+def require_extra(extra: str, feature: str, *, modules=None, hint: str = "", error=MissingExtraError) -> None:
+    """Raise ``error`` (default :class:`MissingExtraError`) naming the extra, its missing packages and the
+    install command if any of them is missing. ``modules`` narrows the check to the import names a feature
+    really needs; ``hint`` ends the message (another way out, such as a conversion). Every optional import of
+    the pack goes through here, so the message is the same everywhere."""
+    missing = missing_packages(extra, modules)
     if missing:
-        raise MissingExtraError(
+        raise error(
             f"{feature} needs the optional '{extra}' extra, which is not installed (missing: {', '.join(missing)}). "
             f"Install it into this Python with: python -m pip install -e \"{PACK_DIR}[{extra}]\" "
-            f"(or: python -m pip install {' '.join(missing)})"
+            f"(or: python -m pip install {' '.join(missing)})" + (f"; {hint}" if hint else "")
         )
 
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..extras import require_extra
 from .base import PIXEL, DiscriminativeExpert
 from .vlm import PICKLE_SUFFIXES, VLMFolderError, check_model_folder, freeze, resolve_dtype, weight_files
 from .vlm_families import resize
@@ -54,7 +55,6 @@ AESTHETIC_HEAD = "aesthetic_head.safetensors"
 IMAGEREWARD_HEAD = "imagereward_head.safetensors"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 TRANSFORMERS, OPEN_CLIP = "transformers", "open_clip"
-OPEN_CLIP_EXTRA = "pip install 'comfy-poe[hps]'  (or: pip install open_clip_torch)"
 # ImageReward's score normalisation (ImageReward.py: rewards = (mlp(features) - mean) / std)
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
 IMAGEREWARD_MAX_TOKENS = 35
@@ -382,12 +382,10 @@ def _load_reward_model(folder: Path, dtype, device) -> RewardModel:
 
 
 def _import_open_clip():
-    try:
-        import open_clip  # noqa: F401
-    except ImportError:
-        raise RewardFolderError(
-            f"this HPS v2.1 folder is in open_clip format, which needs the open_clip package: {OPEN_CLIP_EXTRA}; "
-            "or convert the checkpoint to transformers format (convert-reward hpsv2 --base <CLIP-H folder>)") from None
+    require_extra("hps", "This HPS v2.1 folder is in open_clip format, which", error=RewardFolderError,
+                  hint="or convert the checkpoint to transformers format (convert-reward hpsv2 --base <CLIP-H folder>)")
+    import open_clip
+
     return open_clip
 
 

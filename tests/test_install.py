@@ -98,3 +98,17 @@ main(['demo', '--quick'])
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr
     assert "'digits' extra" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_trainer_and_batch_runner_name_their_extra_when_missing(monkeypatch, capsys, tmp_path):
+    """Every optional import goes through extras.require_extra: one message shape, naming extra and packages."""
+    from comfy_poe.training.launch import main as train_main
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate -> ImportError
+    with pytest.raises(SystemExit) as info:
+        train_main(["--config", str(tmp_path / "run.toml")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "'train' extra" in err and "missing: accelerate" in err and "[train]" in err
+    with pytest.raises(MissingExtraError, match=r"'batch' extra.*missing: aiohttp"):
+        monkeypatch.setitem(sys.modules, "aiohttp", None)
+        require_extra("batch", "The batch runner", modules=("aiohttp",))

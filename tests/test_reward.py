@@ -292,7 +292,7 @@ def test_open_clip_format_says_which_extra_to_install(folders, tmp_path):
     folder = tmp_path / "hps_open_clip"
     folder.mkdir()
     (folder / MARKER).write_text('{"kind": "hpsv2", "format": "open_clip"}')
-    with pytest.raises(RewardFolderError, match=r"comfy-poe\[hps\]"):
+    with pytest.raises(RewardFolderError, match=r"'hps' extra.*missing: open-clip-torch.*\[hps\].*convert-reward"):
         load_reward_model(folder)
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from ..extras import exit_unless_installed
 from .alignment import (
     ROLLOUT_METHODS, PreferenceConfig, PreferenceTrainer, RewardRolloutTrainer, RolloutConfig, check_rollout_method,
 )
@@ -458,11 +459,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="run config, .toml or .json (see docs/scale_out.md)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if the output holds a checkpoint")
     args = parser.parse_args(argv)
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        print("error: the diffusers trainer needs accelerate: pip install 'comfy-poe[train]'", file=sys.stderr)
-        return 2
+    exit_unless_installed("train", "The diffusers trainer")
     try:
         config = parse_config(read_config(args.config), Path(args.config).resolve().parent)
         if args.no_resume:
