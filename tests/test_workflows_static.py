@@ -183,3 +183,22 @@ def test_notes_travel_as_meta_in_api_files_and_as_markdown_notes_in_ui_twins():
     back = build_ui.ui_to_api(ui, object_info)
     assert set(back) == {"1"} and back["1"]["_meta"]["note"] == api["1"]["_meta"]["note"]
     assert build_ui.strip_meta(back) == build_ui.strip_meta(api)
+
+
+def test_build_ui_explains_an_unreachable_server_or_a_foreign_object_info(tmp_path, capsys):
+    """A developer tool, but still one line, exit 2, nothing written: not a traceback."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = sorted(p.name for p in build_ui.WORKFLOWS_DIR.glob("*.json"))
+    with pytest.raises(SystemExit) as info:
+        build_ui.main(["--server", f"http://127.0.0.1:{port}"])
+    assert info.value.code == 2 and "no ComfyUI /object_info there" in capsys.readouterr().err
+    foreign = tmp_path / "object_info.json"
+    foreign.write_text(json.dumps({"KSampler": {}}))
+    with pytest.raises(SystemExit) as info:
+        build_ui.main(["--object-info", str(foreign), "--check"])
+    assert info.value.code == 2 and "no comfy-poe nodes" in capsys.readouterr().err
+    assert sorted(p.name for p in build_ui.WORKFLOWS_DIR.glob("*.json")) == before

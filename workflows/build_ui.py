@@ -589,8 +589,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a UI twin is missing or stale")
     parser.add_argument("--folder", type=Path, default=WORKFLOWS_DIR, help="workflow folder (default: this one)")
     args = parser.parse_args(argv)
-    object_info = (fetch_object_info(args.server) if args.server
-                   else json.loads(args.object_info.read_text(encoding="utf-8")))
+    try:
+        object_info = (fetch_object_info(args.server) if args.server
+                       else json.loads(args.object_info.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as err:  # URLError is an OSError; a bad JSON body is a ValueError
+        if args.server:
+            parser.exit(2, f"error: --server {args.server}: no ComfyUI /object_info there ({err}). Start ComfyUI "
+                           "with this pack in custom_nodes, or pass a saved /object_info JSON with --object-info.\n")
+        parser.exit(2, f"error: --object-info {args.object_info}: not a readable JSON file ({err})\n")
+    if not any(k.startswith("PoE") for k in object_info):
+        parser.exit(2, "error: the object_info has no comfy-poe nodes: is this pack in the server's custom_nodes?\n")
     stale = build_all(object_info, args.folder, check=args.check)
     return 1 if (args.check and stale) else 0
 
