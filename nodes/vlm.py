@@ -20,7 +20,7 @@ from ._types import PoEJudges
 from ..experts import PIXEL, evaluate_potentials
 from ..experts.clip_judge import CLIP_MODEL_TYPES, CLIPJudge, load_clip, parse_prompts
 from ..experts.overlays import parse_visual_prompt
-from ..experts.vlm import load_vlm
+from ..experts.vlm import check_model_folder, load_vlm
 from ..experts.vlm_judge import SCORING_MODES, VLMJudge, VLMView, parse_questions
 
 VLM_FOLDER = "vlm"
@@ -77,6 +77,20 @@ def resolve_folder_in(folder_name: str, input_name: str, name: str, hint: str = 
 def resolve_model_folder(name: str) -> str:
     """Absolute path of a listed VLM folder (the model_name input)."""
     return resolve_folder_in(VLM_FOLDER, "model_name", name)
+
+
+def folder_problem(model_name, trust_remote_code, allow_pickle, **check) -> str | None:
+    """Queue-time check of a model folder input: the reason it would be refused when the node runs
+    (missing config or weights, pickle-only weights, custom code, wrong family), or None. Reads only
+    config.json and the file list, so it costs nothing at queue time."""
+    if model_name is None:  # linked or not sent: checked when the node runs
+        return None
+    try:
+        check_model_folder(resolve_model_folder(model_name), allow_pickle=bool(allow_pickle),
+                           trust_remote_code=bool(trust_remote_code), **check)
+    except ValueError as e:  # VLMFolderError included
+        return f"model_name: {e}"
+    return None
 
 
 def auto_dtype_name(dtype: str, device) -> str:
@@ -144,6 +158,10 @@ class PoEVLMLoader(io.ComfyNode):
             ],
             outputs=[VLMModel.Output(display_name="vlm")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model_name=None, trust_remote_code=None, allow_pickle=None):
+        return folder_problem(model_name, trust_remote_code, allow_pickle) or True
 
     @classmethod
     def execute(cls, model_name, dtype, trust_remote_code, allow_pickle) -> io.NodeOutput:
@@ -232,13 +250,14 @@ class PoECLIPJudge(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, prompts=None):
+    def validate_inputs(cls, prompts=None, model_name=None, trust_remote_code=None, allow_pickle=None):
         try:
             if prompts is not None and not parse_prompts(prompts):
                 return "prompts: write at least one prompt, e.g. 'a high quality photo | 1.0'"
         except ValueError as e:
             return str(e)
-        return True
+        return folder_problem(model_name, trust_remote_code, allow_pickle, allowed_model_types=CLIP_MODEL_TYPES,
+                              what="CLIP") or True
 
     @classmethod
     def execute(cls, model_name, prompts, negatives, weight, dtype, trust_remote_code, allow_pickle,

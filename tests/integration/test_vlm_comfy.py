@@ -123,3 +123,26 @@ def test_empty_questions_and_prompts_are_refused_when_queued(comfy_server, tiny_
         prompt_id, resp = comfy_server.submit(prompt)
         assert prompt_id is None, f"{key}={value!r} was queued"
         assert words in json.dumps(resp["node_errors"]), resp
+
+
+def test_unsafe_model_folders_are_refused_when_queued(comfy_server, tiny_checkpoint_name, tiny_models):
+    """Custom code (auto_map) and pickle-only weights are refused at queue time, naming model_name and the
+    switch that would allow them; nothing is loaded or executed."""
+    vlm_dir, clip_dir = tiny_models
+    remote, pickled = vlm_dir.with_name(vlm_dir.name + "_remote"), clip_dir.with_name(clip_dir.name + "_pickle")
+    try:
+        shutil.copytree(vlm_dir, remote)
+        config = json.loads((remote / "config.json").read_text())
+        (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "modeling_evil.Evil"}}))
+        shutil.copytree(clip_dir, pickled)
+        for weights in pickled.glob("*.safetensors"):
+            weights.rename(weights.with_suffix(".bin"))
+        for name_vlm, name_clip, words in ((remote.name, clip_dir.name, "trust_remote_code"),
+                                           (vlm_dir.name, pickled.name, "allow_pickle")):
+            prompt_id, resp = comfy_server.submit(workflow(tiny_checkpoint_name, name_vlm, name_clip))
+            assert prompt_id is None, f"{name_vlm} / {name_clip} was queued"
+            text = json.dumps(resp["node_errors"])
+            assert "model_name" in text and words in text, resp
+    finally:
+        shutil.rmtree(remote, ignore_errors=True)
+        shutil.rmtree(pickled, ignore_errors=True)
