@@ -52,7 +52,7 @@ async ([pack, name]) => {
   const res = await fetch(`/api/workflow_templates/${pack}/${name}.json`);
   if (!res.ok) return {error: `GET ${name}.json: ${res.status}`};
   const wf = await res.json();
-  const before = document.querySelectorAll('.p-dialog').length;
+  const before = new Set(document.querySelectorAll('.p-dialog'));  // dialogs already open (closing ones too)
   await app.loadGraphData(wf, true, true, name);
   await new Promise(r => setTimeout(r, 1000));
   const c = app.canvas, nodes = app.graph.nodes;
@@ -71,7 +71,8 @@ async ([pack, name]) => {
     screen_box: [(x0 + o[0]) * s - m, (y0 + o[1]) * s - m, (x1 - x0) * s + 2 * m, (y1 - y0) * s + 2 * m],
     scale: c.ds.scale, low_quality: c.low_quality, threshold: c._lowQualityZoomThreshold,
     canvas: [c.canvas.width / devicePixelRatio, c.canvas.height / devicePixelRatio],
-    dialogs: document.querySelectorAll('.p-dialog').length - before, expected_nodes: wf.nodes.length,
+    dialogs: [...document.querySelectorAll('.p-dialog')].filter(d => !before.has(d)).length,  // new ones only
+    expected_nodes: wf.nodes.length,
     nodes: nodes.map(n => ({id: n.id, type: n.type, title: n.title, box: Array.from(n.boundingRect),
                             size: Array.from(n.size), min: Array.from(n.computeSize())})),
     groups: app.graph.groups.map(g => ({title: g.title, box: Array.from(g._bounding || g.bounding)})),
