@@ -64,7 +64,7 @@ def test_config_validation(tmp_path):
         parse_config({**good, "loop": {"stepz": 3}}, tmp_path)
     with pytest.raises(ValueError, match="needs prompt"):
         parse_config({"method": "dual-process", "model": "m", "output": "o", "resolution": 8}, tmp_path)
-    with pytest.raises(ValueError, match="judge must be one of brightness"):
+    with pytest.raises(ValueError, match=r"\[judge\]: kind must be one of brightness, pickscore"):
         parse_config({"method": "dual-process", "model": "m", "output": "o", "resolution": 8, "prompt": "x",
                       "judge": "jpeg"}, tmp_path)
     with pytest.raises(ValueError, match="do not apply to selma"):
@@ -177,7 +177,7 @@ def write_rollout_config(root: Path, name: str, method: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("method", ["dag-kl", "ddpo"])
+@pytest.mark.parametrize("method", ["dag-kl", "dag-db", "ddpo"])
 def test_rollouts_two_processes_equal_one(tiny, method):
     """Each rank samples its own chains (the rows of the one-process batch) and the batch statistics
     (DAG-KL's leave-one-out, DDPO's standardisation) are taken over all ranks' chains."""

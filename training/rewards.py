@@ -15,6 +15,9 @@ Model-free rewards (no weights needed), as pixel-space experts on ComfyUI IMAGE 
 from __future__ import annotations
 
 import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -97,3 +100,233 @@ def reward_function(judges: Sequence[DiscriminativeExpert], decode: Optional[Cal
         return value
 
     return reward
+
+
+# ------------------------------------------------------------------------------ judges from a run config
+# The diffusers trainer's [reward] / judge settings: model-free rewards by name, reward models and VLM judges
+# from local folders, loaded with the same loaders and judges as the ComfyUI nodes.
+MODEL_FREE_REWARDS = ("brightness", "jpeg-compressibility", "jpeg-incompressibility")
+REWARD_MODEL_KINDS = {"pickscore": "pickscore", "hps": "hpsv2", "hpsv2": "hpsv2", "hps-v2.1": "hpsv2",
+                      "imagereward": "imagereward", "aesthetic": "aesthetic"}
+VLM_KIND = "vlm"
+JUDGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+PROMPT_FIELD = "{prompt}"
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    """One reward / judge of a run config (``[reward]``, ``[[reward]]``, ``judge = {...}``).
+
+    kind:        brightness | jpeg-compressibility | jpeg-incompressibility | pickscore | hpsv2 | imagereward |
+                 aesthetic | vlm;
+    path:        the model folder (reward models: a models/reward folder; vlm: a models/vlm folder);
+    weight:      w of r = Σ w·r_j;
+    prompt:      reward models: the text the images are scored against; "" = the generation prompt;
+    questions:   vlm: "question | answer | weight | alternative" lines; ``{prompt}`` is replaced by the
+                 generation prompt;
+    mode:        vlm: yes_no (normalised yes/no log-probability) | dual_process (mean answer log-likelihood);
+    dtype:       auto = float32 on the CPU, bfloat16 (or float16) on a GPU, as the nodes;
+    batch_size:  images per judge forward pass;
+    visual_prompt: vlm: overlays drawn on the judge's copy of the images (VLM Judge node syntax);
+    allow_pickle / trust_remote_code: vlm folders only (reward folders are safetensors; convert pickles once).
+    """
+
+    kind: str
+    path: str = ""
+    weight: float = 1.0
+    prompt: str = ""
+    questions: str = ""
+    mode: str = ""
+    dtype: str = "auto"
+    batch_size: int = 8
+    visual_prompt: str = ""
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    @property
+    def needs_model(self) -> bool:
+        return self.kind not in MODEL_FREE_REWARDS
+
+    def fingerprint(self):
+        """What identifies the judge in a run's fingerprint (a bare name for model-free rewards)."""
+        if not self.needs_model and self.weight == 1.0:
+            return self.kind
+        d = {"kind": self.kind, "weight": self.weight}
+        if self.needs_model:
+            d.update(folder=Path(self.path).name, prompt=self.prompt, dtype=self.dtype)
+        if self.kind == VLM_KIND:
+            d.update(questions=self.questions, mode=self.mode, visual_prompt=self.visual_prompt)
+        return d
+
+
+JUDGE_KEYS = {"kind", "path", "weight", "prompt", "question", "answer", "alternative", "questions", "mode", "dtype",
+              "batch_size", "visual_prompt", "allow_pickle", "trust_remote_code"}
+
+
+def _kind_name(value) -> str:
+    return str(value).strip().lower().replace("_", "-").replace(" ", "-")
+
+
+def parse_judge_specs(value, base: Path, name: str, allowed_free: Sequence[str], default_mode: str) -> tuple:
+    """``reward = "brightness"`` / ``[reward]`` / ``[[reward]]`` (or ``judge``) as JudgeSpecs, checked before any
+    model is loaded: the kind, the keys, the folder (exists, safetensors, the architecture the kind needs)."""
+    from ..experts.reward import RewardFolderError, check_reward_folder
+    from ..experts.vlm import VLMFolderError, check_model_folder
+    from ..experts.vlm_judge import SCORING_MODES, Question, parse_questions
+
+    kinds = ", ".join([*allowed_free, *dict.fromkeys(REWARD_MODEL_KINDS), VLM_KIND])
+    entries = value if isinstance(value, list) else [value]
+    if not entries:
+        raise ValueError(f"config: {name} is an empty list; give at least one {name}")
+    specs = []
+    for number, entry in enumerate(entries, start=1):
+        where = f"{name}" if len(entries) == 1 else f"{name} #{number}"
+        if isinstance(entry, str):
+            entry = {"kind": entry}
+        if not isinstance(entry, dict):
+            raise ValueError(f"config: {where} must be a name or a table {{kind = ..., path = ...}}, got {entry!r}")
+        unknown = sorted(set(entry) - JUDGE_KEYS)
+        if unknown:
+            raise ValueError(f"config [{where}]: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(JUDGE_KEYS))})")
+        kind = _kind_name(entry.get("kind", ""))
+        kind = REWARD_MODEL_KINDS.get(kind, kind)
+        if kind not in (*allowed_free, *REWARD_MODEL_KINDS.values(), VLM_KIND):
+            extra = " (jpeg rewards are not differentiable)" if kind in MODEL_FREE_REWARDS else ""
+            raise ValueError(f"config [{where}]: kind must be one of {kinds}{extra}, got {entry.get('kind')!r}")
+        try:
+            weight = float(entry.get("weight", 1.0))
+            batch_size = int(entry.get("batch_size", 8))
+        except (TypeError, ValueError):
+            raise ValueError(f"config [{where}]: weight must be a number and batch_size an integer") from None
+        if not math.isfinite(weight):
+            raise ValueError(f"config [{where}]: weight must be finite, got {entry.get('weight')!r}")
+        if batch_size < 1:
+            raise ValueError(f"config [{where}]: batch_size must be >= 1, got {batch_size}")
+        dtype = str(entry.get("dtype", "auto"))
+        if dtype not in JUDGE_DTYPES:
+            raise ValueError(f"config [{where}]: dtype must be one of {', '.join(JUDGE_DTYPES)}, got {dtype!r}")
+        if kind in MODEL_FREE_REWARDS:
+            extra = sorted(set(entry) - {"kind", "weight"})
+            if extra:
+                raise ValueError(f"config [{where}]: {', '.join(extra)} do not apply to the model-free {kind}")
+            specs.append(JudgeSpec(kind, weight=weight))
+            continue
+        if not str(entry.get("path", "")).strip():
+            raise ValueError(f"config [{where}]: kind {kind} needs path = <model folder>")
+        path = Path(str(entry["path"]))
+        path = path if path.is_absolute() else base / path
+        common = dict(path=str(path), weight=weight, dtype=dtype, batch_size=batch_size)
+        if kind == VLM_KIND:
+            if "prompt" in entry:
+                raise ValueError(f"config [{where}]: a vlm judge asks question = ... (or questions = ...), not prompt")
+            allow_pickle, remote = bool(entry.get("allow_pickle", False)), bool(entry.get("trust_remote_code", False))
+            try:
+                check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=remote)
+            except VLMFolderError as e:
+                raise ValueError(f"config [{where}] (kind vlm): {e}") from None
+            if entry.get("questions") and entry.get("question"):
+                raise ValueError(f"config [{where}]: give question = ... (with answer) or questions = ..., not both")
+            mode = str(entry.get("mode", default_mode))
+            if mode not in SCORING_MODES:
+                raise ValueError(f"config [{where}]: mode must be one of {', '.join(SCORING_MODES)}, got {mode!r}")
+            try:
+                if entry.get("question") is not None:
+                    for key in ("question", "answer", "alternative"):
+                        if "|" in str(entry.get(key, "")) or "\n" in str(entry.get(key, "")):
+                            raise ValueError(f"{key} must be one line without '|' (use questions = ... for several)")
+                    q = Question(str(entry["question"]), str(entry.get("answer", "Yes")), 1.0,
+                                 str(entry["alternative"]) if entry.get("alternative") else None)
+                    questions = f"{q.text} | {q.answer} | 1" + (f" | {q.alternative}" if q.alternative else "")
+                else:
+                    questions = str(entry.get("questions", ""))
+                parsed = parse_questions(questions)
+                if mode == "yes_no":
+                    missing = [q.text for q in parsed if q.opposite is None]
+                    if missing:
+                        raise ValueError(f"question {missing[0]!r} has no alternative answer to normalise against in "
+                                         "mode yes_no; give alternative = ... or use mode = 'dual_process'")
+            except ValueError as e:
+                raise ValueError(f"config [{where}] (kind vlm): {e}") from None
+            visual = str(entry.get("visual_prompt", ""))
+            if visual.strip():
+                from ..experts.overlays import parse_visual_prompt
+
+                try:
+                    parse_visual_prompt(visual)
+                except ValueError as e:
+                    raise ValueError(f"config [{where}] visual_prompt: {e}") from None
+            specs.append(JudgeSpec(VLM_KIND, questions=questions, mode=mode, visual_prompt=visual,
+                                   allow_pickle=allow_pickle, trust_remote_code=remote, **common))
+            continue
+        wrong = sorted(set(entry) & {"question", "answer", "alternative", "questions", "mode", "visual_prompt",
+                                     "allow_pickle", "trust_remote_code"})
+        if wrong:
+            raise ValueError(f"config [{where}]: {', '.join(wrong)} do not apply to the reward model {kind} (pickles: "
+                             "convert them once with python -m comfy_poe convert-reward)")
+        try:
+            found = check_reward_folder(path)
+        except (RewardFolderError, OSError) as e:
+            raise ValueError(f"config [{where}] (kind {kind}): {e}") from None
+        if found != kind:
+            raise ValueError(f"config [{where}]: kind is {kind}, but the folder {str(path)!r} holds a {found} model; "
+                             f"set kind = \"{found}\" or point path at a {kind} folder")
+        specs.append(JudgeSpec(kind, prompt=str(entry.get("prompt", "")).strip(), **common))
+    return tuple(specs)
+
+
+def judge_dtype(name: str, device) -> str:
+    """'auto': float32 on the CPU, bfloat16 on GPUs that support it, else float16 (the nodes' rule)."""
+    if name != "auto":
+        return name
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "float32"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float16"
+
+
+class JudgeLoader:
+    """Builds the judges of a run's JudgeSpecs for one generation prompt at a time; each model folder is
+    loaded once (frozen, on ``device``) and shared by the judges of all prompts."""
+
+    def __init__(self, specs: Sequence[JudgeSpec], device="cpu"):
+        self.specs, self.device, self._models = tuple(specs), device, {}
+
+    def _model(self, spec: JudgeSpec):
+        key = (spec.kind, spec.path, spec.dtype, spec.allow_pickle, spec.trust_remote_code)
+        if key not in self._models:
+            dtype = judge_dtype(spec.dtype, self.device)
+            if spec.kind == VLM_KIND:
+                from ..experts.vlm import load_vlm
+
+                self._models[key] = load_vlm(spec.path, dtype=dtype, device=self.device,
+                                             allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code)
+            else:
+                from ..experts.reward import load_reward_model
+
+                self._models[key] = load_reward_model(spec.path, dtype=dtype, device=self.device)
+        return self._models[key]
+
+    def judges(self, prompt: str) -> list[DiscriminativeExpert]:
+        """The judges scoring images made from ``prompt`` (reward models without their own prompt use it)."""
+        out = []
+        for spec in self.specs:
+            if spec.kind == "brightness":
+                out.append(brightness_judge(spec.weight))
+            elif spec.kind in MODEL_FREE_REWARDS:
+                out.append(jpeg_judge(spec.kind.split("-", 1)[1], weight=spec.weight))
+            elif spec.kind == VLM_KIND:
+                from ..experts.overlays import parse_visual_prompt
+                from ..experts.vlm_judge import VLMJudge, parse_questions
+
+                questions = parse_questions(spec.questions.replace(PROMPT_FIELD, prompt))
+                judge = VLMJudge(self._model(spec), questions, spec.mode, batch_size=spec.batch_size,
+                                 overlays=parse_visual_prompt(spec.visual_prompt) if spec.visual_prompt.strip() else ())
+                out.append(judge.expert(spec.weight, name=VLM_KIND))
+            else:
+                from ..experts.reward import RewardJudge
+
+                judge = RewardJudge(self._model(spec), spec.prompt or prompt, batch_size=spec.batch_size)
+                out.append(judge.expert(spec.weight))
+        return out
