@@ -5,7 +5,6 @@ answer likelihood (and a reward model's score) through the VAE decoder into the 
 with a reward model equals the 1-process run."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +18,9 @@ pytest.importorskip("diffusers")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reward_tiny  # noqa: E402
 from diffusers_tiny import build_tiny_sd  # noqa: E402
+from test_training_diffusers import _free_port  # noqa: E402
 
-from comfy_poe.training.launch import parse_config, read_config, run  # noqa: E402
+from comfy_poe.training.launch import parse_config, run  # noqa: E402
 from comfy_poe.training.rewards import JudgeSpec  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -147,12 +147,6 @@ def test_dual_process_backpropagates_the_judge_into_the_lora(tiny, judge):
     assert max(float(v.abs().max()) for k, v in lora.items() if k.endswith("lora_up.weight")) > 1e-5
     state = json.loads((tiny / name / "state.json").read_text())
     assert state["fingerprint"]["judges"] == [judge["kind"]]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_reward_model_two_processes_equal_one(tiny):

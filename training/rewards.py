@@ -11,6 +11,10 @@ Model-free rewards (no weights needed), as pixel-space experts on ComfyUI IMAGE 
   ``jpeg_(in)compressibility``): ∓ size in kB of the image saved as JPEG at quality 95 (PIL), after
   rounding to uint8 as the reference does;
 - brightness: mean BT.601 luma (the cheap reward of the tests and benchmarks).
+
+The diffusers trainer's ``reward`` / ``judge`` config entries (:class:`JudgeSpec`, :func:`parse_judge_specs`)
+name these or a model folder: the reward models of ``experts.reward`` and the VLM judge of ``experts.vlm_judge``,
+built by :class:`JudgeLoader` with the same loaders and judge classes as the ComfyUI nodes.
 """
 from __future__ import annotations
 
