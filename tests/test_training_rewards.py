@@ -68,6 +68,8 @@ def test_reward_config_is_checked_before_any_model_loads(tiny, tmp_path):
     several = parse_config(rollout_config(reward=[{"kind": "aesthetic", "path": "aesthetic", "weight": 0.5},
                                                   {"kind": "brightness", "weight": 2}]), tiny)
     assert [(s.kind, s.weight) for s in several.reward] == [("aesthetic", 0.5), ("brightness", 2.0)]
+    clip = parse_config(rollout_config(reward={"kind": "clip", "path": "pickscore", "negatives": ["a blur", " "]}), tiny)
+    assert clip.reward[0].negatives == ("a blur",) and clip.reward[0].prompt == ""
     vlm = parse_config(rollout_config(reward={"kind": "vlm", "path": "vlm", "question": "Is it {prompt}?"}), tiny)
     assert vlm.reward[0].questions == "Is it {prompt}? | Yes | 1" and vlm.reward[0].mode == "yes_no"
     bad = {
@@ -76,7 +78,7 @@ def test_reward_config_is_checked_before_any_model_loads(tiny, tmp_path):
         "wrong kind": ({"kind": "imagereward", "path": "aesthetic"},
                        r"kind is imagereward, but the folder .*aesthetic' holds a aesthetic model"),
         "hps alias": ({"kind": "HPS", "path": "pickscore"}, r"kind is hpsv2, but the folder .* holds a pickscore model"),
-        "unknown kind": ({"kind": "clipscore", "path": "x"}, r"kind must be one of brightness.*vlm, got 'clipscore'"),
+        "unknown kind": ({"kind": "clipscore", "path": "x"}, r"kind must be one of brightness.*vlm, clip, got 'clipscore'"),
         "unknown key": ({"kind": "pickscore", "path": "pickscore", "questoin": "x"}, r"unknown key\(s\) questoin"),
         "vlm on a reward folder": ({"kind": "vlm", "path": "aesthetic", "question": "x"},
                                    r"\(kind vlm\).*model_type 'clip', which is not supported"),
@@ -84,7 +86,11 @@ def test_reward_config_is_checked_before_any_model_loads(tiny, tmp_path):
         "vlm no alternative": ({"kind": "vlm", "path": "vlm", "question": "Colour?", "answer": "red"},
                                r"no alternative answer.*mode = 'dual_process'"),
         "question to a reward model": ({"kind": "pickscore", "path": "pickscore", "question": "x"},
-                                       r"question do not apply to the reward model pickscore"),
+                                       r"question do not apply to kind pickscore"),
+        "prompt to a vlm": ({"kind": "vlm", "path": "vlm", "prompt": "x"}, r"prompt do not apply to kind vlm"),
+        "clip on a vlm folder": ({"kind": "clip", "path": "vlm", "prompt": "x"},
+                                 r"\(kind clip\): CLIP model folder .* has model_type 'qwen2_vl'"),
+        "clip negatives": ({"kind": "clip", "path": "pickscore", "negatives": [1]}, r"negatives must be a list of str"),
         "weight": ({"kind": "pickscore", "path": "pickscore", "weight": "heavy"}, r"weight must be a number"),
         "model-free with a path": ({"kind": "brightness", "path": "x"}, r"path do not apply to the model-free"),
     }
@@ -132,7 +138,8 @@ def test_rollout_records_the_reward_models_score_of_its_chains(tiny):
 @pytest.mark.parametrize("judge", [
     {"kind": "vlm", "path": "vlm", "question": "Is there a cat in the image?", "answer": "Yes"},
     {"kind": "pickscore", "path": "pickscore"},
-], ids=["vlm", "pickscore"])
+    {"kind": "clip", "path": "pickscore", "negatives": ["a blurry photo"]},
+], ids=["vlm", "pickscore", "clip"])
 def test_dual_process_backpropagates_the_judge_into_the_lora(tiny, judge):
     name = f"out_dp_{judge['kind']}"
     result = run(parse_config(dual_process_config(judge, output=name), tiny), log=lambda *a, **k: None)
