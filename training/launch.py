@@ -15,8 +15,8 @@ The config is TOML (tomllib) or JSON (by the file suffix):
     pairs = "/data/pairs"           # preference methods: <root>/<pair>/{prompt.txt, chosen.png, rejected.png}
     prompts = ["a cat", "a dog"]    # rollout methods: prompts cycled one per step
     reward = "brightness"           # rollout methods: brightness | jpeg-compressibility | jpeg-incompressibility, or
-    [reward]                        # a model: kind = pickscore | hps | imagereward | aesthetic | vlm | clip, path, prompt /
-                                    # question, weight, ... ([[reward]] tables sum; training.rewards.JudgeSpec)
+    [reward]                        # a model: kind = pickscore | hps | imagereward | aesthetic | vlm | clip, path,
+                                    # prompt / question, weight ... ([[reward]]s sum; training.rewards.JudgeSpec)
     sampling_steps = 20             # rollout methods: DDPM transitions per chain (evenly spaced training levels)
     cfg = 1.0                       # rollout methods: CFG of the behaviour policy (negative = "" prompt)
     [lora]                          # LoRAConfig: rank, alpha, targets, exclude, init
