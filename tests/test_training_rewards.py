@@ -20,7 +20,7 @@ import reward_tiny  # noqa: E402
 from diffusers_tiny import build_tiny_sd  # noqa: E402
 from test_training_diffusers import _free_port  # noqa: E402
 
-from comfy_poe.training.launch import parse_config, run  # noqa: E402
+from comfy_poe.training.launch import main, parse_config, read_config, run  # noqa: E402
 from comfy_poe.training.rewards import JudgeSpec  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def dual_process_config(judge, **changes) -> dict:
     return cfg
 
 
-def test_reward_config_is_checked_before_any_model_loads(tiny, tmp_path):
+def test_reward_config_is_checked_before_any_model_loads(tiny, tmp_path, capsys):
     config = parse_config(rollout_config(), tiny)
     assert config.reward == (JudgeSpec("pickscore", path=str(tiny / "pickscore")),)
     # the string form still works and keeps its fingerprint (old checkpoints resume)
@@ -108,6 +108,18 @@ def test_reward_config_is_checked_before_any_model_loads(tiny, tmp_path):
     dp = parse_config(dual_process_config({"kind": "vlm", "path": "vlm", "question": "Is there a cat?", "answer": "yes"}),
                       tiny)
     assert dp.judge[0].mode == "dual_process" and dp.judge[0].questions == "Is there a cat? | yes | 1"
+    # the TOML spellings of docs/scale_out.md: an inline judge table, [[reward]] tables; paths from the config's folder
+    (tiny / "dp.toml").write_text('method = "dual-process"\nmodel = "model"\noutput = "o"\nresolution = 8\n'
+                                  'prompt = "a cat"\njudge = {kind = "vlm", path = "vlm", question = "Is there a cat?", '
+                                  'answer = "Yes"}\n')
+    assert parse_config(read_config(tiny / "dp.toml"), tiny).judge[0].path == str(tiny / "vlm")
+    (tiny / "ddpo.toml").write_text('method = "ddpo"\nmodel = "model"\noutput = "o"\nresolution = 8\nprompts = ["a"]\n'
+                                    '[[reward]]\nkind = "imagereward"\npath = "nowhere"\n'
+                                    '[[reward]]\nkind = "brightness"\n')
+    with pytest.raises(ValueError, match=r"config \[reward #1\] \(kind imagereward\).*nowhere"):
+        parse_config(read_config(tiny / "ddpo.toml"), tiny)
+    assert main(["--config", str(tiny / "ddpo.toml")]) == 2  # the command line: exit 2, the message, nothing written
+    assert "error: config [reward #1] (kind imagereward)" in capsys.readouterr().err and not (tiny / "o").exists()
 
 
 def test_rollout_records_the_reward_models_score_of_its_chains(tiny):
