@@ -193,6 +193,7 @@ def test_rollouts_two_processes_equal_one(tiny, method):
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = lora(tiny, f"{method}_one"), lora(tiny, f"{method}_two")
     assert max(float(v.abs().max()) for k, v in a.items() if k.endswith("lora_up.weight")) > 1e-5
+    print(method, "2 processes vs 1: LoRA max |difference|", max_diff(a, b))
     assert max_diff(a, b) < 1e-5
     history = [json.loads((tiny / f"out_{method}_{n}" / "state.json").read_text())["history"] for n in ("one", "two")]
     for r1, r2 in zip(*history):
