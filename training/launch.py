@@ -285,7 +285,8 @@ def run_dual_process(config: RunConfig, state, model, network, store, progress):
                                                    "cfg": config.cfg, "lora": config.lora.fingerprint(),
                                                    **({} if judge_fp == "brightness" else {"judge": judge_fp})},
                 progress=progress, shard=(state.process_index, world),
-                reduce_gradients=gradient_averager(world) if world > 1 else None)
+                reduce_gradients=gradient_averager(world) if world > 1 else None,
+                wrap_step=(lambda step_fn: global_values(step_fn, world)) if world > 1 else None)
 
 
 def run_selma(config: RunConfig, state, model, log):
