@@ -147,6 +147,23 @@ def test_rollout_records_the_reward_models_score_of_its_chains(tiny):
     assert abs(right - wrong) > 1e-3  # the prompt matters, so the check above tells which prompt was used
 
 
+def test_vlm_reward_asks_about_each_chains_prompt(tiny):
+    from comfy_poe.training.rewards import JudgeLoader
+
+    spec = parse_config(rollout_config(reward={"kind": "vlm", "path": "vlm", "question": "Does it show {prompt}?"}),
+                        tiny).reward
+    judge = JudgeLoader(spec).judges("a cat | a dog")[0].fn  # the prompt's text is kept whole, '|' included
+    assert [(q.text, q.answer, q.opposite) for q in judge.questions] == [("Does it show a cat | a dog?", "Yes", "No")]
+    result = run(parse_config(rollout_config(output="out_ddpo_vlm", reward={"kind": "vlm", "path": "vlm",
+                                                                           "question": "Does it show {prompt}?"}),
+                              tiny), log=lambda *a, **k: None)
+    reward = result.history[0]["reward"]
+    print("yes_no VLM reward of step 1", reward)
+    assert -20 < reward < 0  # log p(Yes) normalised against No: a log-probability
+    lora = load_file(str(tiny / "out_ddpo_vlm" / "lora.safetensors"))
+    assert max(float(v.abs().max()) for k, v in lora.items() if k.endswith("lora_up.weight")) > 1e-5
+
+
 @pytest.mark.parametrize("judge", [
     {"kind": "vlm", "path": "vlm", "question": "Is there a cat in the image?", "answer": "Yes"},
     {"kind": "pickscore", "path": "pickscore"},

@@ -18,6 +18,7 @@ built by :class:`JudgeLoader` with the same loaders and judge classes as the Com
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from dataclasses import dataclass
@@ -340,8 +341,9 @@ class JudgeLoader:
             from ..experts.vlm_judge import VLMJudge, parse_questions
 
             overlays = parse_visual_prompt(spec.visual_prompt) if spec.visual_prompt.strip() else ()
-            judge = VLMJudge(self._model(spec), parse_questions(spec.questions.replace(PROMPT_FIELD, prompt)),
-                             spec.mode, batch_size=spec.batch_size, overlays=overlays)
+            questions = [dataclasses.replace(q, text=q.text.replace(PROMPT_FIELD, prompt))  # any text in a prompt
+                         for q in parse_questions(spec.questions)]
+            judge = VLMJudge(self._model(spec), questions, spec.mode, batch_size=spec.batch_size, overlays=overlays)
             return judge.expert(spec.weight, name=VLM_KIND)
         if spec.kind == CLIP_KIND:
             from ..experts.clip_judge import CLIPJudge
