@@ -59,7 +59,7 @@ def dual_process_config(judge, **changes) -> dict:
     return cfg
 
 
-def test_reward_config_is_checked_before_any_model_loads(tiny, tmp_path, capsys):
+def test_reward_config_is_checked_before_any_model_loads(tiny, tmp_path, capsys, monkeypatch):
     config = parse_config(rollout_config(), tiny)
     assert config.reward == (JudgeSpec("pickscore", path=str(tiny / "pickscore")),)
     # the string form still works and keeps its fingerprint (old checkpoints resume)
@@ -118,6 +118,16 @@ def test_reward_config_is_checked_before_any_model_loads(tiny, tmp_path, capsys)
                                     '[[reward]]\nkind = "brightness"\n')
     with pytest.raises(ValueError, match=r"config \[reward #1\] \(kind imagereward\).*nowhere"):
         parse_config(read_config(tiny / "ddpo.toml"), tiny)
+    import comfy_poe.experts.reward
+    import comfy_poe.experts.vlm
+    import comfy_poe.training.diffusers_model
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    for module, name in ((comfy_poe.training.diffusers_model, "load_diffusers_sd"),
+                         (comfy_poe.experts.reward, "load_reward_model"), (comfy_poe.experts.vlm, "load_vlm")):
+        monkeypatch.setattr(module, name, no_loading)
     assert main(["--config", str(tiny / "ddpo.toml")]) == 2  # the command line: exit 2, the message, nothing written
     assert "error: config [reward #1] (kind imagereward)" in capsys.readouterr().err and not (tiny / "o").exists()
 
