@@ -217,6 +217,19 @@ def _check_hf(folder: Path, model_type: str, kind: str) -> dict:
     return config
 
 
+def check_reward_folder(folder) -> str:
+    """The kind of reward folder ``folder`` after the checks :func:`load_reward_model` makes before it reads
+    any weights (folder, marker, architecture, pickles, remote code, tokenizer / processor files)."""
+    folder = Path(folder)
+    kind, fmt = detect_kind(folder)
+    if fmt == OPEN_CLIP:
+        if not (folder / OPEN_CLIP_WEIGHTS).is_file():
+            raise RewardFolderError(f"HPS v2.1 folder {str(folder)!r} has no {OPEN_CLIP_WEIGHTS}")
+    else:
+        _check_hf(folder, "blip" if kind == IMAGEREWARD else "clip", kind)
+    return kind
+
+
 # --------------------------------------------------------------------------- the model
 
 

@@ -140,7 +140,8 @@ class RewardRolloutTrainer:
     """DAG-KL / DAG-DB / DDPO on a :class:`~.rollout.Policy` whose model has ``network`` (a LoRA) applied.
 
     prompts:   conditionings accepted by ``policy.model.denoise`` (cycled, one per step);
-    reward_fn: final latents (B, C, H, W) -> (B,) rewards (:func:`.rewards.reward_function`).
+    reward_fn: final latents (B, C, H, W) -> (B,) rewards (:func:`.rewards.reward_function`), or one such
+               function per prompt (judges that score an image against the prompt it was made from).
     """
 
     def __init__(self, policy: Policy, prompts: Sequence[Any], reward_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -148,7 +149,10 @@ class RewardRolloutTrainer:
         config.validate()
         if len(prompts) == 0:
             raise ValueError("prompts: give at least one conditioning to train on")
-        self.policy, self.prompts, self.reward_fn, self.config = policy, list(prompts), reward_fn, config
+        self.policy, self.prompts, self.config = policy, list(prompts), config
+        self.reward_fns = list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn] * len(self.prompts)
+        if len(self.reward_fns) != len(self.prompts):
+            raise ValueError(f"reward_fn: {len(self.reward_fns)} reward functions for {len(self.prompts)} prompts")
         self.prompt_names = list(prompt_names) if prompt_names is not None else [str(i) for i in range(len(prompts))]
         self.network = network
         self.flow = None
@@ -177,11 +181,11 @@ class RewardRolloutTrainer:
 
     # -- pieces ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def lookahead_reward(self, z: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+    def lookahead_reward(self, z: torch.Tensor, sigma: torch.Tensor, cond, prompt_index: int = 0) -> torch.Tensor:
         """r(decode(x̂0(x_t))) with the current LoRA model, conditional, no CFG, no gradient (reference)."""
         x = from_vp(z, sigma)
         x0 = self.policy.denoised(x, sigma, cond, guided=False)
-        return self.reward_fn(x0).float().to(z.device)
+        return self.reward_fns[prompt_index](x0).float().to(z.device)
 
     def beta(self, step: int) -> float:
         horizon = int(self.config.anneal_steps) or int(self.config.loop.steps)
@@ -193,7 +197,7 @@ class RewardRolloutTrainer:
         cond = self.prompts[prompt_index]
         mine = self.batch_rows()
         traj = rollout(policy, cond, int(cfg.batch_size), step_generator(cfg.loop.seed, step, ROLLOUT_STREAM),
-                       self.reward_fn, rows=mine)
+                       self.reward_fns[prompt_index], rows=mine)
         n, b = traj.n_steps, int(cfg.batch_size)
         k = trained_transitions(n, cfg.timestep_fraction)
         order = step_generator(cfg.loop.seed, step, ORDER_STREAM)
@@ -230,12 +234,12 @@ class RewardRolloutTrainer:
         if cfg.method == "ddpo":
             return ddpo_loss(advantages.to(log_pf), log_pf, log_old, cfg.clip_range), parts
         # forward-looking flows: log F(x) = F_φ(x, t, c) + β·r(x̂0(x)); the chain's end is β·r(x_N) exactly
-        flow_t = self.flow(z_t, sig_t, prompt_index) + beta * self.lookahead_reward(z_t, sig_t, cond)
+        flow_t = self.flow(z_t, sig_t, prompt_index) + beta * self.lookahead_reward(z_t, sig_t, cond, prompt_index)
         terminal = (idx + 1 == traj.n_steps).to(z_t.device)
         reward_next = beta * traj.rewards.float().clone()
         inner = ~terminal
         if inner.any():
-            reward_next[inner] = beta * self.lookahead_reward(z_s[inner], sig_s[inner], cond)
+            reward_next[inner] = beta * self.lookahead_reward(z_s[inner], sig_s[inner], cond, prompt_index)
         flow_raw = self.flow(z_s, sig_s, prompt_index)
         flow_s = torch.where(terminal, beta * traj.rewards.float(), flow_raw + reward_next)
         if cfg.method == "dag-db":
@@ -263,9 +267,10 @@ class RewardRolloutTrainer:
                      should_stop=should_stop)
 
     @torch.no_grad()
-    def sample(self, cond, n: int, seed: int) -> Trajectories:
-        """Fresh chains of the current model (evaluation; same seed → same noise)."""
-        return rollout(self.policy, cond, n, torch.Generator().manual_seed(int(seed)), self.reward_fn)
+    def sample(self, cond, n: int, seed: int, prompt_index: int = 0) -> Trajectories:
+        """Fresh chains of the current model (evaluation; same seed → same noise), rewarded by the reward
+        function of prompt ``prompt_index``."""
+        return rollout(self.policy, cond, n, torch.Generator().manual_seed(int(seed)), self.reward_fns[prompt_index])
 
 
 # ------------------------------------------------------------------------------------------ preferences

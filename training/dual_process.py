@@ -188,10 +188,11 @@ def dual_process_step(generator: Generator, judges: Sequence[DiscriminativeExper
 def tune(generator: Generator, judges: Sequence[DiscriminativeExpert], network: LoRANetwork,
          config: DualProcessConfig, *, checkpoints: Optional[CheckpointStore] = None, resume: bool = True,
          fingerprint: Optional[dict] = None, progress=None, should_stop=None, shard: tuple[int, int] = (0, 1),
-         reduce_gradients=None) -> TrainResult:
+         reduce_gradients=None, wrap_step=None) -> TrainResult:
     """Dual-Process tuning of ``network`` (already applied to the model behind ``generator.denoise``).
     The adapter weight is ``train_scale`` during training and ``eval_scale`` afterwards.
-    ``shard`` / ``reduce_gradients``: data parallel (see :func:`dual_process_step` and the core loop)."""
+    ``shard`` / ``reduce_gradients``: data parallel (see :func:`dual_process_step` and the core loop);
+    ``wrap_step(step_fn) -> step_fn``: e.g. record the loss and metrics averaged over the ranks."""
     config.validate()
     judges = check_judges(judges, generator)
     fp = {"dual_process": config.fingerprint(), "sigmas": [round(float(s), 6) for s in generator.sigmas],
@@ -199,7 +200,10 @@ def tune(generator: Generator, judges: Sequence[DiscriminativeExpert], network: 
           "judges": [j.name for j in judges], **(fingerprint or {})}
     network.scale = float(config.train_scale)
     try:
-        return train(network, lambda step: dual_process_step(generator, judges, config, step, shard), config.loop,
+        step_fn = lambda step: dual_process_step(generator, judges, config, step, shard)  # noqa: E731
+        if wrap_step is not None:
+            step_fn = wrap_step(step_fn)
+        return train(network, step_fn, config.loop,
                      checkpoints=checkpoints, resume=resume, fingerprint=fp, progress=progress,
                      should_stop=should_stop, reduce_gradients=reduce_gradients)
     finally:

@@ -14,7 +14,9 @@ The config is TOML (tomllib) or JSON (by the file suffix):
     dtype = "float32"               # float32 | bfloat16 | float16 (frozen weights; the LoRA trains in float32)
     pairs = "/data/pairs"           # preference methods: <root>/<pair>/{prompt.txt, chosen.png, rejected.png}
     prompts = ["a cat", "a dog"]    # rollout methods: prompts cycled one per step
-    reward = "brightness"           # rollout methods: brightness | jpeg-compressibility | jpeg-incompressibility
+    reward = "brightness"           # rollout methods: brightness | jpeg-compressibility | jpeg-incompressibility, or
+    [reward]                        # a model: kind = pickscore | hps | imagereward | aesthetic | vlm | clip, path,
+                                    # prompt / question, weight ... ([[reward]]s sum; training.rewards.JudgeSpec)
     sampling_steps = 20             # rollout methods: DDPM transitions per chain (evenly spaced training levels)
     cfg = 1.0                       # rollout methods: CFG of the behaviour policy (negative = "" prompt)
     [lora]                          # LoRAConfig: rank, alpha, targets, exclude, init
@@ -23,7 +25,8 @@ The config is TOML (tomllib) or JSON (by the file suffix):
     [rollout]                       # RolloutConfig: batch_size (global chains), timestep_fraction, reward_exp, ...
     dataset = "/data/skill"         # selma: a SELMA skill dataset folder (the pack's SELMA dataset nodes)
     preset = "small"                # selma: reference | small | tiny, then [selma]: SkillTrainConfig overrides
-    prompt = "a cat"                # dual-process: the prompt; judge = "brightness"; [dual_process]: DualProcessConfig
+    prompt = "a cat"                # dual-process: the prompt; judge = "brightness" or {kind = "vlm", path, question,
+                                    # answer} (differentiable: brightness or a model, as [reward]); [dual_process]
 
 Data parallel (Accelerate's PartialState sets up the process group: NCCL on GPUs, gloo on CPU): every rank
 draws the same step batch from the seeded step generators and works on its contiguous block of
@@ -54,6 +57,7 @@ from .alignment import (
 from .lora import LoRAConfig, create_lora
 from .loop import CheckpointStore, LoopConfig, StepOutput, train
 from .mapo import check_method
+from .rewards import MODEL_FREE_REWARDS, JudgeLoader, JudgeSpec, parse_judge_specs, reward_function
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOP_KEYS = {"method", "model", "pairs", "output", "resolution", "resume", "dtype", "lora", "loop", "preference",
@@ -61,8 +65,8 @@ TOP_KEYS = {"method", "model", "pairs", "output", "resolution", "resume", "dtype
             "dual_process", "prompt", "judge"}
 NOT_YET = ()
 DUAL_PROCESS_NAMES = ("dual-process", "dualprocess", "dual_process")
-JUDGES = ("brightness",)
-REWARDS = ("brightness", "jpeg-compressibility", "jpeg-incompressibility")
+JUDGES = ("brightness",)   # the model-free differentiable judges; reward models and VLMs come from folders
+REWARDS = MODEL_FREE_REWARDS
 
 
 def read_config(path: str | Path) -> dict:
@@ -108,14 +112,14 @@ class RunConfig:
     rollout: RolloutConfig | None = None
     prompts: tuple = ()
     negative: str = ""
-    reward: str = "brightness"
+    reward: tuple = (JudgeSpec("brightness"),)   # JudgeSpecs (training.rewards)
     sampling_steps: int = 20
     cfg: float = 1.0
     dataset: str = ""
     selma: object = None   # selma.trainer.SkillTrainConfig
     dual_process: object = None   # dual_process.DualProcessConfig
     prompt: str = ""
-    judge: str = "brightness"
+    judge: tuple = (JudgeSpec("brightness"),)
 
     @property
     def trainer_config(self):
@@ -175,9 +179,7 @@ def parse_config(raw: dict, base: Path | None = None) -> RunConfig:
     prompts = raw.get("prompts")
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"config: method {method} needs prompts = [\"...\", ...] (non-empty strings)")
-    reward = str(raw.get("reward", "brightness")).strip().lower().replace("_", "-")
-    if reward not in REWARDS:
-        raise ValueError(f"config: reward must be one of {', '.join(REWARDS)}, got {raw.get('reward')!r}")
+    reward = parse_judge_specs(raw.get("reward", "brightness"), base, "reward", REWARDS, default_mode="yes_no")
     if not common["resolution"]:
         raise ValueError(f"config: method {method} needs resolution = <image size of the rollouts, pixels>")
     steps = int(raw.get("sampling_steps", 20))
@@ -237,10 +239,7 @@ def parse_dual_process(raw: dict, base: Path) -> RunConfig:
         raise ValueError(f"config: {', '.join(wrong)} do not apply to dual-process")
     if not str(raw.get("prompt", "")).strip():
         raise ValueError("config: method dual-process needs prompt = \"...\"")
-    judge = str(raw.get("judge", "brightness")).strip().lower()
-    if judge not in JUDGES:
-        raise ValueError(f"config: judge must be one of {', '.join(JUDGES)} (differentiable, no weights), got "
-                         f"{raw.get('judge')!r}")
+    judge = parse_judge_specs(raw.get("judge", "brightness"), base, "judge", JUDGES, default_mode="dual_process")
     if not int(raw.get("resolution", 0)):
         raise ValueError("config: method dual-process needs resolution = <image size, pixels>")
     dual = _section(DualProcessConfig(), raw.get("dual_process"), "dual_process", skip=("loop",))
@@ -263,7 +262,6 @@ def parse_dual_process(raw: dict, base: Path) -> RunConfig:
 def run_dual_process(config: RunConfig, state, model, network, store, progress):
     """Dual-Process tuning (training.dual_process.tune) on this process's share of every step's noises."""
     from .dual_process import Generator, tune
-    from .rewards import brightness_judge
 
     world = state.num_processes
     if world > 1 and config.dual_process.pixel_range == "minmax":
@@ -281,11 +279,15 @@ def run_dual_process(config: RunConfig, state, model, network, store, progress):
     sigmas = torch.cat([model.sampling_sigmas(config.sampling_steps), torch.zeros(1)])
     generator = Generator(denoise, sigmas, (model.unet.config.in_channels, side, side), model.parameterization,
                           decode=model.decode_latents, device=state.device)
-    return tune(generator, [brightness_judge()], network, config.dual_process, checkpoints=store,
+    judges = JudgeLoader(config.judge, device=state.device).judges(config.prompt)  # each rank loads its own copy
+    judge_fp = judges_fingerprint(config.judge)
+    return tune(generator, judges, network, config.dual_process, checkpoints=store,
                 resume=config.resume, fingerprint={"model": Path(config.model).name, "prompt": config.prompt,
-                                                   "cfg": config.cfg, "lora": config.lora.fingerprint()},
+                                                   "cfg": config.cfg, "lora": config.lora.fingerprint(),
+                                                   **({} if judge_fp == "brightness" else {"judge": judge_fp})},
                 progress=progress, shard=(state.process_index, world),
-                reduce_gradients=gradient_averager(world) if world > 1 else None)
+                reduce_gradients=gradient_averager(world) if world > 1 else None,
+                wrap_step=(lambda step_fn: global_values(step_fn, world)) if world > 1 else None)
 
 
 def run_selma(config: RunConfig, state, model, log):
@@ -324,11 +326,17 @@ def gather_rows(world_size: int):
     return gather
 
 
-def reward_fn_for(name: str, decode):
-    from .rewards import brightness_judge, jpeg_judge, reward_function
+def judges_fingerprint(specs) -> object:
+    """The judges' part of a run fingerprint: the bare name for one model-free reward (as before models came)."""
+    fps = [s.fingerprint() for s in specs]
+    return fps[0] if len(fps) == 1 and isinstance(fps[0], str) else fps
 
-    judge = brightness_judge() if name == "brightness" else jpeg_judge(name.split("-", 1)[1])
-    return reward_function([judge], decode=decode)
+
+def reward_fns_for(specs, prompts, decode, device):
+    """One reward function per prompt (reward models score against the chain's own prompt); the models are
+    loaded once on this rank's device and shared."""
+    loader = JudgeLoader(specs, device=device)
+    return [reward_function(loader.judges(p), decode=decode) for p in prompts]
 
 
 def gradient_averager(world_size: int):
@@ -420,12 +428,13 @@ def run(config: RunConfig, log=print):
         policy = Policy(model, model.sampling_sigmas(config.sampling_steps), (model.unet.config.in_channels, side, side),
                         cfg=config.cfg, negative=model.encode_prompt(config.negative), device=state.device)
         trainer = RewardRolloutTrainer(policy, [model.encode_prompt(p) for p in config.prompts],
-                                       reward_fn_for(config.reward, model.decode_latents), network, cfg,
+                                       reward_fns_for(config.reward, config.prompts, model.decode_latents,
+                                                      state.device), network, cfg,
                                        prompt_names=list(config.prompts))
         if world > 1:
             trainer.gather = gather_rows(world)
         trainable = trainer.trainable
-        extra = {"reward": config.reward, "sampling_steps": config.sampling_steps, "cfg": config.cfg,
+        extra = {"reward": judges_fingerprint(config.reward), "sampling_steps": config.sampling_steps, "cfg": config.cfg,
                  "negative": config.negative}
     trainer.shard = (rank, world)
     store = CheckpointStore(config.output, export=lambda net: net.export_state_dict(key_fn=kohya_unet_key),
