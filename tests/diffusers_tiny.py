@@ -131,26 +131,32 @@ def _flow_vae(folder: Path, shift: float, scale: float) -> None:
                   scaling_factor=scale, shift_factor=shift).save_pretrained(folder / "vae")
 
 
-def build_tiny_sd3(folder: Path, t5: bool = True, seed: int = 0) -> Path:
-    """An SD3 pipeline folder: SD3Transformer2DModel (1 joint block), CLIP-L / CLIP-G with projection, an
-    optional T5, a 16-channel VAE, FlowMatchEulerDiscreteScheduler with shift 3."""
+TINY_SD3_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8,
+                            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                            pooled_projection_dim=64, out_channels=16, pos_embed_max_size=8)
+
+
+def build_tiny_sd3(folder: Path, t5: bool = True, transformer_config: dict | None = None,
+                   projections: tuple[int, int] = (32, 32), seed: int = 0) -> Path:
+    """An SD3 pipeline folder: SD3Transformer2DModel (1 joint block), CLIP-L / CLIP-G with projection (pooled =
+    the two projections, which must sum to the transformer's pooled_projection_dim), an optional T5, a 16-channel
+    VAE, FlowMatchEulerDiscreteScheduler with shift 3."""
     from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8,
-                          num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-                          pooled_projection_dim=64, out_channels=16, pos_embed_max_size=8).save_pretrained(
-        folder / "transformer")
+    config = dict(transformer_config or TINY_SD3_TRANSFORMER)
+    SD3Transformer2DModel(**config).save_pretrained(folder / "transformer")
     _flow_vae(folder, 0.0609, 1.5305)
     tokenizer = None
     for suffix in ("", "_2", "_3") if t5 else ("", "_2"):
         tokenizer = tiny_tokenizer(folder / f"tokenizer{suffix}")
-    for suffix in ("", "_2"):
-        CLIPTextModelWithProjection(_clip_config(tokenizer, 16, 32)).save_pretrained(folder / f"text_encoder{suffix}")
+    for suffix, projection in zip(("", "_2"), projections):
+        CLIPTextModelWithProjection(_clip_config(tokenizer, 16, projection)).save_pretrained(
+            folder / f"text_encoder{suffix}")
     if t5:
-        _t5(tokenizer, 32).save_pretrained(folder / "text_encoder_3")
+        _t5(tokenizer, config["joint_attention_dim"]).save_pretrained(folder / "text_encoder_3")
     _scheduler(folder, {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0})
     _index(folder, "StableDiffusion3Pipeline")
     return folder
@@ -176,3 +182,21 @@ def build_tiny_flux(folder: Path, seed: int = 0) -> Path:
                         "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15})
     _index(folder, "FluxPipeline")
     return folder
+
+
+def method_config(family: str, method: str, name: str, steps: int = 2) -> dict:
+    """A small run of ``method`` on the tiny ``family`` folder (16 px images, rank-2 attention LoRA)."""
+    if method in ("mapo", "dpo", "sft"):
+        cfg = {"pairs": "pairs", "resolution": 16, "preference": {"batch_size": 2}}
+    elif method == "selma":
+        return {"method": "selma", "model": family, "dataset": "skill", "output": f"out_{name}", "preset": "tiny",
+                "selma": {"rank": 2, "alpha": 2, "steps": steps, "batch_size": 2, "micro_batch": 1, "lr": 1e-3,
+                          "eval_samples": 0, "seed": 2}}
+    elif method == "dual-process":
+        cfg = {"resolution": 16, "prompt": "a red square", "sampling_steps": 2, "cfg": 2.0,
+               "dual_process": {"batch_size": 2, "noise_pool": 4, "pixel_range": "clamp"}}
+    else:
+        cfg = {"resolution": 16, "prompts": ["a red square", "a blue circle"], "sampling_steps": 2,
+               "rollout": {"batch_size": 2, "flow_channels": [8, 16], "flow_emb_dim": 16}}
+    return {"method": method, "model": family, "output": f"out_{name}", **cfg,
+            "lora": {"rank": 2, "alpha": 2, "targets": "attention"}, "loop": {"steps": steps, "lr": 1e-3, "seed": 1}}

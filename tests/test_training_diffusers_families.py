@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 pytest.importorskip("accelerate")
 pytest.importorskip("diffusers")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusers_tiny import build_pairs, build_tiny_flux, build_tiny_sd3, build_tiny_sdxl  # noqa: E402
+from diffusers_tiny import build_pairs, build_tiny_flux, build_tiny_sd3, build_tiny_sdxl, method_config  # noqa: E402
 from test_training_diffusers import _free_port, max_diff  # noqa: E402
 
 from comfy_poe.training.diffusers_model import load_diffusers_model, model_family  # noqa: E402
@@ -41,24 +41,6 @@ def root(tmp_path_factory):
     for i in range(4):
         data.append(["a red square", "a blue circle"][i % 2], i, i, torch.rand(16, 16, 3, generator=g), True)
     return root
-
-
-def method_config(family: str, method: str, name: str, steps: int = 2) -> dict:
-    """A small run of ``method`` on the tiny ``family`` folder (16 px images, rank-2 attention LoRA)."""
-    if method in ("mapo", "dpo", "sft"):
-        cfg = {"pairs": "pairs", "resolution": 16, "preference": {"batch_size": 2}}
-    elif method == "selma":
-        return {"method": "selma", "model": family, "dataset": "skill", "output": f"out_{name}", "preset": "tiny",
-                "selma": {"rank": 2, "alpha": 2, "steps": steps, "batch_size": 2, "micro_batch": 1, "lr": 1e-3,
-                          "eval_samples": 0, "seed": 2}}
-    elif method == "dual-process":
-        cfg = {"resolution": 16, "prompt": "a red square", "sampling_steps": 2, "cfg": 2.0,
-               "dual_process": {"batch_size": 2, "noise_pool": 4, "pixel_range": "clamp"}}
-    else:
-        cfg = {"resolution": 16, "prompts": ["a red square", "a blue circle"], "sampling_steps": 2,
-               "rollout": {"batch_size": 2, "flow_channels": [8, 16], "flow_emb_dim": 16}}
-    return {"method": method, "model": family, "output": f"out_{name}", **cfg,
-            "lora": {"rank": 2, "alpha": 2, "targets": "attention"}, "loop": {"steps": steps, "lr": 1e-3, "seed": 1}}
 
 
 def lora_of(root: Path, name: str) -> dict:
@@ -88,7 +70,7 @@ def test_model_family_and_refusals(root, tmp_path):
         for method in ("ddpo", "dag-kl", "dag-db"):
             with pytest.raises(ValueError, match=f"method {method}: {family} is a flow .*DDPM chain"):
                 run(parse_config(method_config(family, method, f"refused_{family}"), root), **QUIET)
-    assert not (root / f"out_refused_sd3").exists()
+    assert not (root / "out_refused_sd3").exists()
 
 
 # ------------------------------------------------------------------------------------ adapters vs diffusers
@@ -151,7 +133,7 @@ def test_flow_adapter_matches_the_diffusers_pipeline(root, family):
                                   pooled_projections=pooled.expand(2, -1), timestep=s * 1000).sample
         else:
             packed = pipe._pack_latents(x_flow, 2, 16, 8, 8)
-            torch.testing.assert_close(model.denoise_flow(x_flow, s, [cond])[0].shape, x_flow.shape)
+            assert model.denoise_flow(x_flow, s, [cond])[0].shape == x_flow.shape
             v = model.transformer(hidden_states=packed, encoder_hidden_states=embeds.expand(2, -1, -1),
                                   pooled_projections=pooled.expand(2, -1), timestep=s, guidance=torch.full((2,), 3.5),
                                   txt_ids=torch.zeros(embeds.shape[1], 3),
@@ -213,7 +195,9 @@ def test_two_processes_equal_one(root, family, method):
         _launch(root, method_config(family, method, name), name, processes)
     a, b = lora_of(root, f"dp1_{family}_{method}"), lora_of(root, f"dp2_{family}_{method}")
     assert moved(a) > 1e-4
-    assert max_diff(a, b) < 1e-5
+    # float summation order only: measured 1.8e-5 (SDXL MaPO), 9e-7 (SDXL DDPO), 4e-7 (SD3 DPO); two 1-process
+    # SDXL MaPO runs at 1 and 2 threads differ by 3.1e-5 (Adam's first steps are ≈ lr·sign(g), lr = 1e-3)
+    assert max_diff(a, b) < 1e-4
 
 
 @pytest.mark.parametrize("family,method", [("sdxl", "mapo"), ("flux", "sft")])
