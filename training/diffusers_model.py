@@ -43,6 +43,7 @@ spelling ``transformer.<path>`` (:func:`diffusers_transformer_key`), which Comfy
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -256,6 +257,10 @@ class DiffusersSD(nn.Module):
         index = torch.linspace(n - 1, 0, int(steps) + 1).round().long()
         return self.train_sigmas[index]
 
+    def chain_sigmas(self, steps: int, latent_size=None) -> torch.Tensor:
+        """The rollout methods' DDPM chain levels (:meth:`sampling_sigmas`; the size matters for Flux only)."""
+        return self.sampling_sigmas(steps)
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """IMAGE (N, H, W, C) in [0, 1] -> scaled VAE latents (the posterior mode, as ComfyUI's VAEEncode)."""
@@ -303,8 +308,9 @@ class DiffusersFlow(nn.Module):
         self.encoder_slots = [m is not None for m in text_encoders]  # SD3 may leave out the T5 encoder
         self.tokenizers = list(tokenizers)
         self.parameterization = CONST
-        self.register_buffer("flow_sigmas", flow_training_sigmas(scheduler_config).float(), persistent=False)
-        self.register_buffer("train_sigmas", self.flow_sigmas / (1 - self.flow_sigmas), persistent=False)
+        flow = flow_training_sigmas(scheduler_config)  # float64: 1 − s near s = 1 needs the digits
+        self.register_buffer("flow_sigmas", flow.float(), persistent=False)
+        self.register_buffer("train_sigmas", (flow / (1 - flow)).float(), persistent=False)
         self.latent_scale = float(getattr(vae.config, "scaling_factor", 1.0))
         self.latent_shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.scheduler_config = dict(scheduler_config)
@@ -327,19 +333,32 @@ class DiffusersFlow(nn.Module):
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def sampling_sigmas(self, steps: int, latent_size: tuple[int, int]) -> torch.Tensor:
-        """``steps`` + 1 flow times from 1 to 0 (k-diffusion order) with the scheduler's shift: SD3's static
-        shift, or Flux's resolution-dependent one, μ linear in the packed sequence length (FluxPipeline's
-        ``calculate_shift``), s = e^μ / (e^μ + 1/u − 1)."""
-        u = torch.linspace(1, 0, int(steps) + 1, dtype=torch.float64)
+    def flow_times(self, u: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        """Times u in [0, 1] shifted as the scheduler samples: SD3's static shift, or Flux's resolution-dependent
+        one, μ linear in the packed sequence length (FluxPipeline's ``calculate_shift``), s = e^μ/(e^μ + 1/u − 1)."""
         config = self.scheduler_config
         if not config.get("use_dynamic_shifting"):
-            return shift_flow_time(u, flow_shift(config)).float()
+            return shift_flow_time(u, flow_shift(config))
         tokens = (latent_size[0] // 2) * (latent_size[1] // 2)
         base_len, max_len = int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096))
         base, top = float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15))
         mu = base + (top - base) * (tokens - base_len) / (max_len - base_len)
-        return shift_flow_time(u, float(torch.tensor(mu).exp())).float()
+        return shift_flow_time(u, math.exp(mu))
+
+    def sampling_sigmas(self, steps: int, latent_size: tuple[int, int]) -> torch.Tensor:
+        """``steps`` + 1 flow times from 1 to 0 (k-diffusion order) for Euler sampling (Dual-Process)."""
+        return self.flow_times(torch.linspace(1, 0, int(steps) + 1, dtype=torch.float64), latent_size).float()
+
+    def chain_sigmas(self, steps: int, latent_size: tuple[int, int]) -> torch.Tensor:
+        """VE levels σ = s/(1 − s) of a ``steps``-transition DDPM chain (the rollout methods), over the shifted
+        times from the highest to the lowest training midpoint (s = 1 and 0 are σ = ∞ and 0, which a DDPM chain
+        cannot hold).  The chain's VP state z = x/√(1 + σ²) is the flow state rescaled, x_f/√((1 − s)² + s²),
+        so DDPM transitions on the flow's x̂0 sample the same noise path (η = 1 ancestral sampling, as ComfyUI's
+        ``ddpm`` sampler does for flow models) and have exact Gaussian log-probabilities."""
+        n = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        u = torch.linspace(1 - 0.5 / n, 0.5 / n, int(steps) + 1, dtype=torch.float64)
+        s = self.flow_times(u, latent_size)
+        return (s / (1 - s)).float()
 
     def velocity(self, x: torch.Tensor, s: torch.Tensor, cond: dict) -> torch.Tensor:
         """v̂(x_f, s | cond) of the transformer (x_f latents (B, C, H, W), s flow times (B,))."""
@@ -360,6 +379,9 @@ class DiffusersFlow(nn.Module):
 
     def denoise_flow(self, x: torch.Tensor, s: torch.Tensor, conds: Sequence) -> list[torch.Tensor]:
         """x̂0 = x_f − s·v̂ in flow coordinates (k-diffusion's CONST denoiser)."""
+        if x.shape[-2] % 2 or x.shape[-1] % 2:  # SD3's patch embedding and Flux's packing take 2×2 latent patches
+            raise ValueError(f"{self.family}: latents {x.shape[-2]}×{x.shape[-1]} must have even sides (images a "
+                             f"multiple of {2 * self.vae_factor} pixels)")
         s = torch.as_tensor(s, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
         view = s.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
         return [x - view * self.velocity(x, s, cond).to(x.dtype) for cond in conds]

@@ -36,8 +36,8 @@ every rank reads them on resume.
 
 The saved LoRA uses the kohya spelling of the diffusers UNet paths (lora_unet_..., SD 1.x / SDXL) or the diffusers
 spelling of the transformer paths (transformer..., SD3 / Flux), which ComfyUI's LoraLoader maps onto the matching
-model.  The model family comes from the folder (diffusers_model.model_family); SD3 / Flux (flow models) train
-mapo, dpo, sft, selma and dual-process; dag-kl, dag-db and ddpo need DDPM chains and refuse them.
+model.  The model family comes from the folder (diffusers_model.model_family); every method trains every family
+(on SD3 / Flux the rollout methods' DDPM chain runs on the flow's x̂0, see DiffusersFlow.chain_sigmas).
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from ..experts.base import X0
 from ..extras import exit_unless_installed
 from .alignment import (
     ROLLOUT_METHODS, PreferenceConfig, PreferenceTrainer, RewardRolloutTrainer, RolloutConfig, check_rollout_method,
@@ -190,6 +191,19 @@ def parse_config(raw: dict, base: Path | None = None) -> RunConfig:
     rollout_cfg.validate()
     return RunConfig(pairs="", rollout=rollout_cfg, prompts=tuple(prompts), negative=str(raw.get("negative", "")),
                      reward=reward, sampling_steps=steps, cfg=float(raw.get("cfg", 1.0)), **common)
+
+
+class VEDenoiser:
+    """A flow model's ``denoise`` (VE coordinates, x̂0 = x_f − s·v̂) seen as an x̂0 predictor: what a DDPM chain
+    (rollout.Policy) needs; see DiffusersFlow.chain_sigmas."""
+
+    parameterization = X0
+
+    def __init__(self, model):
+        self.model = model
+
+    def denoise(self, x, sigma, conds):
+        return self.model.denoise(x, sigma, conds)
 
 
 class WithoutLoRA:
@@ -386,11 +400,7 @@ def run(config: RunConfig, log=print):
     cfg = config.trainer_config
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the {world} processes")
-    if model_family(config.model) in FLOW_FAMILIES and config.rollout is not None:
-        raise ValueError(f"method {config.method}: {Path(config.model).name} is a flow (SD3 / Flux) model; DAG-KL, "
-                         "DAG-DB and DDPO need a stochastic DDPM chain with per-step log-probabilities, which the "
-                         "trainer builds for EPS / V-prediction UNets only (SD 1.x / 2.x, SDXL); flow models train "
-                         "mapo, dpo, sft, selma and dual-process")
+    model_family(config.model)  # an unsupported folder is refused before any weight is read
     model = load_diffusers_model(config.model, device=state.device, dtype=DTYPES[config.dtype])
     if config.selma is not None:
         result = run_selma(config, state, model, log)
@@ -432,7 +442,10 @@ def run(config: RunConfig, log=print):
         from .rollout import Policy
 
         side = config.resolution // model.vae_factor
-        policy = Policy(model, model.sampling_sigmas(config.sampling_steps), (model.latent_channels, side, side),
+        # the chain needs x̂0 in VE coordinates, which every family's denoise gives (flow models included)
+        chain_model = VEDenoiser(model) if model.family in FLOW_FAMILIES else model
+        policy = Policy(chain_model, model.chain_sigmas(config.sampling_steps, (side, side)),
+                        (model.latent_channels, side, side),
                         cfg=config.cfg, negative=model.encode_prompt(config.negative), device=state.device)
         trainer = RewardRolloutTrainer(policy, [model.encode_prompt(p) for p in config.prompts],
                                        reward_fn_for(config.reward, model.decode_latents), network, cfg,
