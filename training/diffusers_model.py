@@ -29,7 +29,9 @@ rectified-flow (CONST) models, x_f = (1 − s)·x0 + s·ε, predicting the veloc
 and the trainers' VE code works unchanged; the losses use the flow-matching target (``mapo.denoising_losses``
 with ``const``).  Training levels: the scheduler's shifted flow times s = shift·u/(1 + (shift − 1)·u) at the
 T = 1000 midpoints u = (t + ½)/T (FlowMatchEulerDiscreteScheduler's table without the σ = ∞ end), drawn
-uniformly — see :func:`flow_training_sigmas`.
+uniformly — see :func:`flow_training_sigmas`.  The rollout methods' DDPM chain runs on the same VE view of the
+flow (:meth:`DiffusersFlow.chain_sigmas`); Dual-Process samples with the flow Euler step
+(:meth:`DiffusersFlow.sampling_sigmas`).
 
 The folder is diffusers' ``save_pretrained`` of a pipeline (safetensors weights only: pickle files are
 refused); :func:`model_family` tells the family from ``model_index.json`` (or the sub-folders) before any
@@ -353,8 +355,8 @@ class DiffusersFlow(nn.Module):
         """VE levels σ = s/(1 − s) of a ``steps``-transition DDPM chain (the rollout methods), over the shifted
         times from the highest to the lowest training midpoint (s = 1 and 0 are σ = ∞ and 0, which a DDPM chain
         cannot hold).  The chain's VP state z = x/√(1 + σ²) is the flow state rescaled, x_f/√((1 − s)² + s²),
-        so DDPM transitions on the flow's x̂0 sample the same noise path (η = 1 ancestral sampling, as ComfyUI's
-        ``ddpm`` sampler does for flow models) and have exact Gaussian log-probabilities."""
+        so DDPM transitions (η = 1) on the flow's x̂0 follow the flow's own noise path and have exact Gaussian
+        log-probabilities (one of the SDEs with the flow's marginals, as Flow-GRPO's is; Liu et al. 2025)."""
         n = int(self.scheduler_config.get("num_train_timesteps", 1000))
         u = torch.linspace(1 - 0.5 / n, 0.5 / n, int(steps) + 1, dtype=torch.float64)
         s = self.flow_times(u, latent_size)
