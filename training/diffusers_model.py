@@ -442,7 +442,7 @@ def _need(folder: Path, subs: Sequence[str], layout: str) -> None:
                          f"{layout}.save_pretrained: {' '.join(s + '/' for s in subs)})")
 
 
-COMMON = {"use_safetensors": True, "local_files_only": True}
+SAFETENSORS_LOCAL = {"use_safetensors": True, "local_files_only": True}
 
 
 def load_diffusers_sd(folder: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32) -> DiffusersSD:
@@ -460,7 +460,7 @@ def load_diffusers_sd(folder: str | os.PathLike, device="cpu", dtype: torch.dtyp
         subs[3:3] = ["text_encoder_2", "tokenizer_2"]
     _need(folder, subs, "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline")
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **COMMON)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **SAFETENSORS_LOCAL)
     addition = getattr(unet.config, "addition_embed_type", None)
     if family == "sd" and addition:
         raise ValueError(f"{folder}: UNet with addition_embed_type={addition!r} but one text encoder; an SDXL folder "
@@ -468,13 +468,13 @@ def load_diffusers_sd(folder: str | os.PathLike, device="cpu", dtype: torch.dtyp
     if family == "sdxl" and addition != "text_time":
         raise ValueError(f"{folder}: an SDXL UNet needs addition_embed_type='text_time' (pooled text and size "
                          f"conditioning), this one has {addition!r}")
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **COMMON)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype, **COMMON)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **SAFETENSORS_LOCAL)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype, **SAFETENSORS_LOCAL)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     second = {}
     if family == "sdxl":
         second = {"text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2",
-                                                                                torch_dtype=dtype, **COMMON),
+                                                                                torch_dtype=dtype, **SAFETENSORS_LOCAL),
                   "tokenizer_2": AutoTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)}
     return DiffusersSD(unet, vae, text_encoder, tokenizer, scheduler_config, **second).to(device)
 
@@ -488,28 +488,25 @@ def load_diffusers_flow(folder: str | os.PathLike, device="cpu", dtype: torch.dt
     family = model_family(folder)
     if family not in FLOW_FAMILIES:
         raise ValueError(f"{folder} is a {FAMILY_NAMES[family]} folder: load it with load_diffusers_model")
-    if family == "sd3":
+    if family == "sd3":  # CLIP-L, CLIP-G (both projected), T5 (optional)
         from diffusers import SD3Transformer2DModel as Transformer
-        subs = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
         classes = [CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel]
-        layout = "StableDiffusion3Pipeline"
-    else:
+    else:  # CLIP-L (pooled), T5
         from diffusers import FluxTransformer2DModel as Transformer
-        subs = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
         classes = [CLIPTextModel, T5EncoderModel]
-        layout = "FluxPipeline"
-    _need(folder, subs, layout)
+    _need(folder, ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"],
+          "StableDiffusion3Pipeline" if family == "sd3" else "FluxPipeline")
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
-    transformer = Transformer.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype, **COMMON)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **COMMON)
+    transformer = Transformer.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype, **SAFETENSORS_LOCAL)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **SAFETENSORS_LOCAL)
     encoders, tokenizers = [], []
     for i, cls in enumerate(classes):
         suffix = "" if i == 0 else f"_{i + 1}"
-        if not (folder / f"text_encoder{suffix}").is_dir():  # only SD3's T5 may be absent (checked above)
+        if not (folder / f"text_encoder{suffix}").is_dir():  # only SD3's T5 may be absent (_need checks)
             encoders.append(None)
             tokenizers.append(None)
             continue
-        encoders.append(cls.from_pretrained(folder / f"text_encoder{suffix}", torch_dtype=dtype, **COMMON))
+        encoders.append(cls.from_pretrained(folder / f"text_encoder{suffix}", torch_dtype=dtype, **SAFETENSORS_LOCAL))
         tokenizers.append(AutoTokenizer.from_pretrained(folder / f"tokenizer{suffix}", local_files_only=True))
     return DiffusersFlow(family, transformer, vae, encoders, tokenizers, scheduler_config).to(device)
 
