@@ -162,22 +162,27 @@ def build_tiny_sd3(folder: Path, t5: bool = True, transformer_config: dict | Non
     return folder
 
 
-def build_tiny_flux(folder: Path, seed: int = 0) -> Path:
-    """A Flux-dev pipeline folder: FluxTransformer2DModel (1 double + 1 single block, guidance embedding), CLIP-L,
-    T5, a 16-channel VAE, FlowMatchEulerDiscreteScheduler with dynamic shifting."""
+TINY_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                             guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+
+def build_tiny_flux(folder: Path, transformer_config: dict | None = None, seed: int = 0) -> Path:
+    """A Flux-dev pipeline folder: FluxTransformer2DModel (1 double + 1 single block, guidance embedding), CLIP-L
+    (width = the pooled projection), T5 (width = the joint attention dim), a 16-channel VAE,
+    FlowMatchEulerDiscreteScheduler with dynamic shifting."""
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                           num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                           guidance_embeds=True, axes_dims_rope=(4, 6, 6)).save_pretrained(folder / "transformer")
+    config = dict(transformer_config or TINY_FLUX_TRANSFORMER)
+    FluxTransformer2DModel(**config).save_pretrained(folder / "transformer")
     _flow_vae(folder, 0.1159, 0.3611)
     tokenizer = tiny_tokenizer(folder / "tokenizer")
     tiny_tokenizer(folder / "tokenizer_2")
-    CLIPTextModel(_clip_config(tokenizer, 32)).save_pretrained(folder / "text_encoder")
-    _t5(tokenizer, 32).save_pretrained(folder / "text_encoder_2")
+    CLIPTextModel(_clip_config(tokenizer, config["pooled_projection_dim"])).save_pretrained(folder / "text_encoder")
+    _t5(tokenizer, config["joint_attention_dim"]).save_pretrained(folder / "text_encoder_2")
     _scheduler(folder, {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
                         "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15})
     _index(folder, "FluxPipeline")

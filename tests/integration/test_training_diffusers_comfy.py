@@ -7,7 +7,10 @@ on the matching model of each family: no "lora key not loaded" in the server log
   ComfyUI's own key map (sdxl_checkpoint_from_diffusers.py, in ComfyUI's venv); kohya keys, LoraLoader.
 - SD3: a diffusers SD3 transformer with the tiny SD3 fixture's architecture (make_fixtures.py SD3_TINY: 2 joint
   blocks, 128 wide, 2 heads, context 4096, pooled 2048, patch 2, pos_embed_max_size 32); diffusers
-  ``transformer.*`` keys, LoraLoaderModelOnly on the fixture."""
+  ``transformer.*`` keys, LoraLoaderModelOnly on the fixture.
+- Flux: a diffusers Flux transformer with the tiny Flux-dev fixture's architecture (FLUX_DEV: 1 double + 1 single
+  block at Flux's full width 3072, 24 heads, context 4096, pooled 2048, guidance embedding); ComfyUI maps each of
+  the diffusers to_q / to_k / to_v onto its slice of the fused qkv; LoraLoaderModelOnly on the fixture."""
 import json
 import shutil
 import subprocess
@@ -20,7 +23,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffusers_tiny import build_pairs, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl  # noqa: E402
+from diffusers_tiny import build_pairs, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -43,6 +46,9 @@ VEGA_DIFFUSERS_UNET = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1, 2),
     attention_head_dim=(5, 5, 5), use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256, cross_attention_dim=2048, projection_class_embeddings_input_dim=2816)
+FIXTURE_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                pooled_projection_dim=2048, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 FIXTURE_SD3_TRANSFORMER = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64,
                                num_attention_heads=2, joint_attention_dim=4096, caption_projection_dim=128,
                                pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=32)
@@ -128,23 +134,44 @@ def test_trained_sdxl_lora_loads_in_loraloader(comfy_server, model_fixtures, lor
         (checkpoints / ckpt).unlink(missing_ok=True)
 
 
+def flow_graph(files: dict, family: str) -> dict:
+    """The fixture of a flow family (Load Diffusion Model), a lone CLIP-L as the text encoder (CLIPLoader type
+    sd3: 4096-wide zero-padded context, 2048-wide pooled vector), the 16-channel VAE; Flux reads its distilled
+    guidance from the conditioning (FluxGuidance 3.5) and samples without CFG."""
+    positive = ["4", 0] if family == "sd3" else ["4g", 0]
+    graph = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": files[family], "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": files["clip_l"], "type": "sd3", "device": "default"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": files["ae16"]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red square", "clip": ["2", 0]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
+        "6": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": positive, "negative": ["5", 0],
+                                                   "latent_image": ["6", 0], "seed": 42, "steps": 3,
+                                                   "cfg": 4.0 if family == "sd3" else 1.0, "sampler_name": "euler",
+                                                   "scheduler": "simple", "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["3", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "x"}},
+    }
+    if family == "flux":
+        graph["4g"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["4", 0], "guidance": 3.5}}
+    return graph
+
+
+def model_only_lora(name: str, strength: float) -> dict:
+    return {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": name,
+                                                             "strength_model": strength}}
+
+
 def test_trained_sd3_lora_loads_in_loraloader(comfy_server, model_fixtures, lora_folder, tmp_path):
     pytest.importorskip("accelerate")
     build_tiny_sd3(tmp_path / "model", t5=False, transformer_config=FIXTURE_SD3_TRANSFORMER, projections=(768, 1280))
     name = train_lora(tmp_path, lora_folder, "trained_sd3")
-    base = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": model_fixtures["sd3"], "weight_dtype": "default"}},
-        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": model_fixtures["clip_l"], "type": "sd3",
-                                                     "device": "default"}},
-        "3": {"class_type": "VAELoader", "inputs": {"vae_name": model_fixtures["ae16"]}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red square", "clip": ["2", 0]}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
-        "6": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "7": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0],
-                                                   "latent_image": ["6", 0], "seed": 42, "steps": 3, "cfg": 4.0,
-                                                   "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["3", 0]}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "x"}},
-    }
-    lora = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": name, "strength_model": 8.0}}
-    assert_lora_loads_and_changes(comfy_server, base, lora, "7", "9")
+    assert_lora_loads_and_changes(comfy_server, flow_graph(model_fixtures, "sd3"), model_only_lora(name, 8.0), "7", "9")
+
+
+def test_trained_flux_lora_loads_in_loraloader(comfy_server, model_fixtures, lora_folder, tmp_path):
+    pytest.importorskip("accelerate")
+    build_tiny_flux(tmp_path / "model", transformer_config=FIXTURE_FLUX_TRANSFORMER)
+    name = train_lora(tmp_path, lora_folder, "trained_flux")
+    assert_lora_loads_and_changes(comfy_server, flow_graph(model_fixtures, "flux"), model_only_lora(name, 8.0), "7", "9")
