@@ -207,8 +207,9 @@ def test_two_processes_equal_one(root, family, method):
         _launch(root, method_config(family, method, name), name, processes)
     a, b = lora_of(root, f"dp1_{family}_{method}"), lora_of(root, f"dp2_{family}_{method}")
     assert moved(a) > 1e-4
-    # float summation order only: measured 1.8e-5 (SDXL MaPO), 9e-7 (SDXL DDPO), 7e-7 (SD3 DPO), 6e-8 (Flux DAG-KL); two 1-process
-    # SDXL MaPO runs at 1 and 2 threads differ by 3.1e-5 (Adam's first steps are ≈ lr·sign(g), lr = 1e-3)
+    # float summation order only: measured 1.8e-5 (SDXL MaPO), 9e-7 (SDXL DDPO), 7e-7 (SD3 DPO), 6e-8 (Flux
+    # DAG-KL); two 1-process SDXL MaPO runs at 1 and 2 threads differ by 3.1e-5 (Adam's first steps are about
+    # lr·sign(g), lr = 1e-3)
     assert max_diff(a, b) < 1e-4
 
 
