@@ -20,8 +20,8 @@ reference ``compute_time_ids`` gives for uncropped pairs at the training resolut
 ``utils.py``).
 
 **Transformer families** (:class:`DiffusersFlow`): SD3Transformer2DModel and FluxTransformer2DModel are
-rectified-flow (CONST) models, x_f = (1 − s)·x0 + s·ε, predicting the velocity v̂ ≈ ε − x0 (Esser et al.
-2024, Eq. 1 and §2).  A flow state maps exactly onto VE coordinates with the same x0 (x = x_f/(1 − s),
+rectified-flow (CONST) models, x_f = (1 − s)·x0 + s·ε, predicting the velocity v̂ ≈ ε − x0 (rectified
+flow, Esser et al. 2024).  A flow state maps exactly onto VE coordinates with the same x0 (x = x_f/(1 − s),
 σ = s/(1 − s); see ``experts/base.py``), so
 
     x̂0 = x_f − s·v̂(x_f, s),    x_f = x/(1 + σ),  s = σ/(1 + σ)
@@ -144,7 +144,7 @@ def flow_shift(config: dict) -> float:
 
 
 def shift_flow_time(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """s = shift·u / (1 + (shift − 1)·u) (Esser et al. 2024, Eq. 23 with √(m/n) = shift)."""
+    """s = shift·u / (1 + (shift − 1)·u) (the resolution-dependent time shift of Esser et al. 2024)."""
     return shift * u / (1 + (shift - 1) * u)
 
 

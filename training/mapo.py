@@ -67,7 +67,7 @@ def denoising_losses(denoised: torch.Tensor, x0: torch.Tensor, noise: torch.Tens
     x_t = x0 + σ·ε (VE coordinates, k-diffusion denoiser output ``denoised``):
     EPS: ε̂ = (x_t − x̂0)/σ vs ε;  V: v = α·ε − s·x0 with α = 1/√(1+σ²), s = σ/√(1+σ²) (VP velocity);
     CONST (rectified flow, SD3 / Flux): the flow-matching velocity v̂ = (x_f − x̂0)/t vs ε − x0 at the same state in
-    flow coordinates, x_f = x_t/(1+σ), t = σ/(1+σ) (Esser et al. 2024, Eq. 1; the SD3 / Flux DPO ports' MSE)."""
+    flow coordinates, x_f = x_t/(1+σ), t = σ/(1+σ) (rectified flow, Esser et al. 2024)."""
     s = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0)
     x_t = x0 + s * noise
     eps_hat = (x_t - denoised) / s
