@@ -175,7 +175,7 @@ def test_dpo_and_sft_losses_by_hand():
     assert M.sft_loss(t(lw))[0].item() == pytest.approx(0.2)
 
 
-def test_denoising_losses_eps_and_v_targets():
+def test_denoising_losses_eps_v_and_flow_targets():
     x0 = torch.tensor([[[[0.5]]], [[[-1.0]]]])
     noise = torch.tensor([[[[1.0]]], [[[0.5]]]])
     sigma = torch.tensor([2.0, 0.5])
@@ -193,6 +193,12 @@ def test_denoising_losses_eps_and_v_targets():
         eps_hat = (xv + sv * nv - dv) / sv
         exp_v.append(((a * eps_hat - s * dv) - (a * nv - s * xv)) ** 2)
     assert got_v.tolist() == pytest.approx(exp_v, rel=1e-4)
+    # flow (CONST): velocity (x_f − x̂0)/t vs ε − x0 at x_f = x_t/(1+σ), t = σ/(1+σ), i.e. (x0 − x̂0)²/t²
+    got_f = M.denoising_losses(denoised, x0, noise, sigma, "const")
+    exp_f = [((xv - dv) * (1 + sv) / sv) ** 2 for xv, sv, dv in [(0.5, 2.0, 0.4), (-1.0, 0.5, -0.8)]]
+    assert got_f.tolist() == pytest.approx(exp_f, rel=1e-4)
+    with pytest.raises(ValueError, match="EPS, V-prediction and flow"):
+        M.denoising_losses(denoised, x0, noise, sigma, "x0")
     assert M.check_method("Diffusion-DPO") == "dpo" and M.check_method("MaPO") == "mapo"
     with pytest.raises(ValueError, match="MaPO, DPO, SFT"):
         M.check_method("orpo")

@@ -7,7 +7,7 @@
 The config is TOML (tomllib) or JSON (by the file suffix):
 
     method = "mapo"                 # mapo | dpo | sft | dag-kl | dag-db | ddpo | selma | dual-process
-    model = "/models/sd15-diffusers"  # StableDiffusionPipeline.save_pretrained folder (safetensors)
+    model = "/models/sd15-diffusers"  # a pipeline's save_pretrained folder (safetensors): SD 1.x/2.x, SDXL, SD3, Flux
     output = "runs/mapo-1"          # checkpoint folder; the LoRA is <output>/lora.safetensors
     resolution = 512                # pairs resized to this (square) size / rollout image size (pixels)
     resume = true                   # continue from <output> when it holds a checkpoint of this run
@@ -37,8 +37,10 @@ taken over all ranks' chains (all_gather); the gradients (LoRA and DAG flow netw
 one-process run with the same global batch (up to float summation order). Only rank 0 writes checkpoints;
 every rank reads them on resume.
 
-The saved LoRA uses the kohya spelling of the diffusers UNet paths (lora_unet_...), which ComfyUI's LoraLoader
-maps onto the matching single-file checkpoint.
+The saved LoRA uses the kohya spelling of the diffusers UNet paths (lora_unet_..., SD 1.x / SDXL) or the diffusers
+spelling of the transformer paths (transformer..., SD3 / Flux), which ComfyUI's LoraLoader maps onto the matching
+model.  The model family comes from the folder (diffusers_model.model_family); every method trains every family
+(on SD3 / Flux the rollout methods' DDPM chain runs on the flow's x̂0, see DiffusersFlow.chain_sigmas).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from ..experts.base import X0
 from ..extras import exit_unless_installed
 from .alignment import (
     ROLLOUT_METHODS, PreferenceConfig, PreferenceTrainer, RewardRolloutTrainer, RolloutConfig, check_rollout_method,
@@ -192,6 +195,19 @@ def parse_config(raw: dict, base: Path | None = None) -> RunConfig:
                      reward=reward, sampling_steps=steps, cfg=float(raw.get("cfg", 1.0)), **common)
 
 
+class VEDenoiser:
+    """A flow model's ``denoise`` (VE coordinates, x̂0 = x_f − s·v̂) seen as an x̂0 predictor: what a DDPM chain
+    (rollout.Policy) needs; see DiffusersFlow.chain_sigmas."""
+
+    parameterization = X0
+
+    def __init__(self, model):
+        self.model = model
+
+    def denoise(self, x, sigma, conds):
+        return self.model.denoise(x, sigma, conds)
+
+
 class WithoutLoRA:
     """The model with the LoRA switched off (adapter weight 0): Diffusion-DPO's frozen reference, no copy."""
 
@@ -261,6 +277,7 @@ def parse_dual_process(raw: dict, base: Path) -> RunConfig:
 
 def run_dual_process(config: RunConfig, state, model, network, store, progress):
     """Dual-Process tuning (training.dual_process.tune) on this process's share of every step's noises."""
+    from .diffusers_model import FLOW_FAMILIES
     from .dual_process import Generator, tune
 
     world = state.num_processes
@@ -268,16 +285,20 @@ def run_dual_process(config: RunConfig, state, model, network, store, progress):
         raise ValueError("dual_process pixel_range 'minmax' rescales over the whole batch, which ranks do not share; "
                          "use pixel_range = 'clamp' (or 'none') with several processes")
     cond, negative = model.encode_prompt(config.prompt), model.encode_prompt(config.negative)
+    side = config.resolution // model.vae_factor
+    if model.family in FLOW_FAMILIES:  # Euler on the flow itself (dual_process's CONST form), times 1 -> 0
+        model_denoise, sigmas = model.denoise_flow, model.sampling_sigmas(config.sampling_steps, (side, side))
+    else:
+        model_denoise = model.denoise
+        sigmas = torch.cat([model.sampling_sigmas(config.sampling_steps), torch.zeros(1)])
 
     def denoise(x, sigma):
         if config.cfg == 1.0:
-            return model.denoise(x, sigma, [cond])[0]
-        d_cond, d_uncond = model.denoise(x, sigma, [cond, negative])
+            return model_denoise(x, sigma, [cond])[0]
+        d_cond, d_uncond = model_denoise(x, sigma, [cond, negative])
         return d_uncond + config.cfg * (d_cond - d_uncond)
 
-    side = config.resolution // model.vae_factor
-    sigmas = torch.cat([model.sampling_sigmas(config.sampling_steps), torch.zeros(1)])
-    generator = Generator(denoise, sigmas, (model.unet.config.in_channels, side, side), model.parameterization,
+    generator = Generator(denoise, sigmas, (model.latent_channels, side, side), model.parameterization,
                           decode=model.decode_latents, device=state.device)
     judges = JudgeLoader(config.judge, device=state.device).judges(config.prompt)  # each rank loads its own copy
     judge_fp = judges_fingerprint(config.judge)
@@ -293,21 +314,24 @@ def run_dual_process(config: RunConfig, state, model, network, store, progress):
 def run_selma(config: RunConfig, state, model, log):
     """One SELMA skill LoRA on this process's share (selma.trainer.train_skill_lora, the pack's SELMA core)."""
     from ..selma.trainer import train_skill_lora
-    from .diffusers_model import kohya_unet_key
+    from .diffusers_model import FLOW_FAMILIES
 
-    if model.parameterization != "eps":
+    if model.parameterization not in ("eps", "const"):
         raise ValueError(f"SELMA trains EPS (or flow) models; this UNet predicts {model.parameterization}")
     world = state.num_processes
+    if model.family in FLOW_FAMILIES:  # SELMA's flow-matching loss in the model's own coordinates
+        denoise, sigmas = (lambda x, s, c: model.denoise_flow(x, s, [c])[0]), model.flow_sigmas
+    else:
+        denoise, sigmas = (lambda x, s, c: model.denoise(x, s, [c])[0]), model.train_sigmas
 
     def progress(step, total, record):
         if state.is_main_process:
             log(f"step {step}/{total} loss {record['loss']:.5f} grad_norm {record['grad_norm']:.4f}", flush=True)
 
-    return train_skill_lora(config.dataset, model.unet, lambda x, s, c: model.denoise(x, s, [c])[0],
-                            model.encode_prompt, model.encode_images,
-                            config=config.selma, sigmas=model.train_sigmas, parameterization="eps",
+    return train_skill_lora(config.dataset, model.denoiser, denoise, model.encode_prompt, model.encode_images,
+                            config=config.selma, sigmas=sigmas, parameterization=model.parameterization,
                             device=state.device, run_dir=config.output, resume=config.resume,
-                            export=lambda net: net.export_state_dict(key_fn=kohya_unet_key),
+                            export=lambda net: net.export_state_dict(key_fn=model.lora_key),
                             metadata={"comfy_poe.method": "selma", "comfy_poe.base_model": Path(config.model).name},
                             progress=progress, shard=(state.process_index, world),
                             reduce_gradients=gradient_averager(world) if world > 1 else None,
@@ -376,7 +400,7 @@ def run(config: RunConfig, log=print):
     """Train on this process's share (see module docstring); returns the core loop's TrainResult."""
     from accelerate import PartialState
 
-    from .diffusers_model import kohya_unet_key, load_diffusers_sd
+    from .diffusers_model import FLOW_FAMILIES, load_diffusers_model, model_family
     from .preference import load_preference_folder
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group for CPU ranks
@@ -384,7 +408,8 @@ def run(config: RunConfig, log=print):
     cfg = config.trainer_config
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the {world} processes")
-    model = load_diffusers_sd(config.model, device=state.device, dtype=DTYPES[config.dtype])
+    model_family(config.model)  # an unsupported folder is refused before any weight is read
+    model = load_diffusers_model(config.model, device=state.device, dtype=DTYPES[config.dtype])
     if config.selma is not None:
         result = run_selma(config, state, model, log)
         state.wait_for_everyone()
@@ -393,9 +418,9 @@ def run(config: RunConfig, log=print):
             log(f"LoRA: {Path(config.output) / 'lora.safetensors'} ({world} process(es), {result.steps_done} steps, "
                 f"resumed from step {result.resumed_from})", flush=True)
         return result
-    network = create_lora(model.unet, config.lora, seed=cfg.loop.seed, device=state.device).attach(model.unet)
+    network = create_lora(model.denoiser, config.lora, seed=cfg.loop.seed, device=state.device).attach(model.denoiser)
     if config.dual_process is not None:
-        store = CheckpointStore(config.output, export=lambda net: net.export_state_dict(key_fn=kohya_unet_key),
+        store = CheckpointStore(config.output, export=lambda net: net.export_state_dict(key_fn=model.lora_key),
                                 metadata={"comfy_poe.method": "dual-process",
                                           "comfy_poe.base_model": Path(config.model).name},
                                 writer=state.is_main_process)
@@ -408,7 +433,7 @@ def run(config: RunConfig, log=print):
         if state.is_main_process:  # the final LoRA at the evaluation weight (eval_scale folded into alpha)
             from ..lora.io import atomic_write_safetensors
 
-            atomic_write_safetensors(store.lora_path, network.export_state_dict(key_fn=kohya_unet_key),
+            atomic_write_safetensors(store.lora_path, network.export_state_dict(key_fn=model.lora_key),
                                      metadata={**store.metadata, "comfy_poe.training_step": str(result.steps_done)})
         state.wait_for_everyone()
         if state.is_main_process:
@@ -425,7 +450,10 @@ def run(config: RunConfig, log=print):
         from .rollout import Policy
 
         side = config.resolution // model.vae_factor
-        policy = Policy(model, model.sampling_sigmas(config.sampling_steps), (model.unet.config.in_channels, side, side),
+        # the chain needs x̂0 in VE coordinates, which every family's denoise gives (flow models included)
+        chain_model = VEDenoiser(model) if model.family in FLOW_FAMILIES else model
+        policy = Policy(chain_model, model.chain_sigmas(config.sampling_steps, (side, side)),
+                        (model.latent_channels, side, side),
                         cfg=config.cfg, negative=model.encode_prompt(config.negative), device=state.device)
         trainer = RewardRolloutTrainer(policy, [model.encode_prompt(p) for p in config.prompts],
                                        reward_fns_for(config.reward, config.prompts, model.decode_latents,
@@ -437,7 +465,7 @@ def run(config: RunConfig, log=print):
         extra = {"reward": judges_fingerprint(config.reward), "sampling_steps": config.sampling_steps, "cfg": config.cfg,
                  "negative": config.negative}
     trainer.shard = (rank, world)
-    store = CheckpointStore(config.output, export=lambda net: net.export_state_dict(key_fn=kohya_unet_key),
+    store = CheckpointStore(config.output, export=lambda net: net.export_state_dict(key_fn=model.lora_key),
                             metadata={"comfy_poe.method": cfg.method, "comfy_poe.base_model": Path(config.model).name,
                                       "comfy_poe.world_size": str(world)},
                             writer=state.is_main_process)

@@ -65,7 +65,9 @@ def denoising_losses(denoised: torch.Tensor, x0: torch.Tensor, noise: torch.Tens
                      parameterization: str = "eps") -> torch.Tensor:
     """Per-sample MSE (mean over C, H, W) of the model's native target, from its x̂0 prediction at
     x_t = x0 + σ·ε (VE coordinates, k-diffusion denoiser output ``denoised``):
-    EPS: ε̂ = (x_t − x̂0)/σ vs ε;  V: v = α·ε − s·x0 with α = 1/√(1+σ²), s = σ/√(1+σ²) (VP velocity)."""
+    EPS: ε̂ = (x_t − x̂0)/σ vs ε;  V: v = α·ε − s·x0 with α = 1/√(1+σ²), s = σ/√(1+σ²) (VP velocity);
+    CONST (rectified flow, SD3 / Flux): the flow-matching velocity v̂ = (x_f − x̂0)/t vs ε − x0 at the same state in
+    flow coordinates, x_f = x_t/(1+σ), t = σ/(1+σ) (rectified flow, Esser et al. 2024)."""
     s = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0)
     x_t = x0 + s * noise
     eps_hat = (x_t - denoised) / s
@@ -74,8 +76,12 @@ def denoising_losses(denoised: torch.Tensor, x0: torch.Tensor, noise: torch.Tens
     elif parameterization == "v_prediction":
         alpha, s_vp = 1 / torch.sqrt(1 + s**2), s / torch.sqrt(1 + s**2)
         pred, target = alpha * eps_hat - s_vp * denoised, alpha * noise - s_vp * x0
+    elif parameterization == "const":
+        t = s / (1 + s)
+        pred, target = (x_t / (1 + s) - denoised) / t, noise - x0
     else:
-        raise ValueError(f"preference training supports EPS and V-prediction models, got {parameterization!r}")
+        raise ValueError(f"preference training supports EPS, V-prediction and flow (const) models, got "
+                         f"{parameterization!r}")
     err = (pred.float() - target.float()) ** 2
     return err.mean(dim=tuple(range(1, err.ndim)))
 
