@@ -34,6 +34,7 @@ import torch
 
 from ..experts.base import DiscriminativeExpert, canonical_parameterization, evaluate_potentials, is_flow, sigma_to_ve
 from ..experts.generative import POE_CAPTURE_KEY, PoECapture
+from .localize import block_ess, block_index, block_resample, block_sums, stitch
 from .resampling import RESAMPLING_SCHEMES, effective_sample_size, log_mean_weight, normalized_log_weights, resample_indices
 
 FK_MODES = ("full", "product", "off")
@@ -79,6 +80,16 @@ class SMCReport:
     guard_events: list = field(default_factory=list)  # collapse guard firings: dict(level, sigma, item, ess, action)
     trace_calls_per_particle: int = 0  # of model_calls_per_particle, spent on Hutchinson trace probes
     trace_source: Optional[str] = None  # "exact" | "hutchinson" | None (no trace term was needed)
+    blocks: int = 0  # localize="blocks": number of blocks K per item (0: global weights)
+    block_resampled: list = field(default_factory=list)  # per level: (B, K) bool, which blocks were resampled
+    block_ess_min: list = field(default_factory=list)  # per level: min over items and blocks of block ESS / L
+    block_refresh_calls: int = 0  # of model_calls_per_particle, spent re-evaluating stitched particles
+
+    def block_resample_counts(self) -> list:
+        """Per batch item: block resamplings summed over levels and blocks."""
+        if not self.block_resampled:
+            return []
+        return torch.stack(self.block_resampled).sum((0, 2)).tolist()
 
     def resample_counts(self) -> list:
         """Resampling count per batch item."""
@@ -108,7 +119,17 @@ class SMCReport:
             lines.append(f"proposal {opts.get('proposal', '?')}, FK correction {opts.get('fk_correction', '?')}, "
                          f"trace {self.trace_source or 'not needed'}, collapse guard {opts.get('guard', '?')}"
                          + (f", FK increments centred and clipped to ±{opts['fk_clip']}" if opts.get("fk_clip") else ""))
-        if self.guard_events:
+        if self.blocks:
+            levels = sum(bool(m.any()) for m in self.block_resampled)
+            per_item = self.block_resample_counts()
+            lines.append(
+                f"block-local resampling ({opts.get('block_size')}×{opts.get('block_size')} tiles × all channels, "
+                f"{self.blocks} blocks per item): blocks resampled at {levels} levels, "
+                f"{' '.join(str(c) for c in per_item)} block resamplings per item, min block ESS/L "
+                f"{min(self.block_ess_min) if self.block_ess_min else 1.0:.3f}; every block resampled at the last "
+                f"level (equal output weights); {self.block_refresh_calls} model calls per particle re-evaluated "
+                "stitched particles; the FK weights are per block, so the collapse guard is not used")
+        elif self.guard_events:
             lines += ["COLLAPSE GUARD FIRED: " + e["action"] for e in self.guard_events]
         elif opts.get("guard") == "fallback":
             lines.append("collapse guard: did not fire")
@@ -433,6 +454,8 @@ def sample_poe_smc(
     guard_diversity: float = 0.7,
     guard_dims: float = 64.0,
     fk_clip: Optional[float] = None,
+    localize: str = "off",
+    block_size: int = 8,
 ) -> torch.Tensor:
     """Sample a product of experts with SMC; k-diffusion signature (ComfyUI KSAMPLER wraps it as is).
 
@@ -473,12 +496,20 @@ def sample_poe_smc(
     (measured: experts that differ in every element at d ≥ 1,024). fk_clip c: the FK-corrector authors' image recipe, the per-level FK
     increment centred across particles and clipped to [−c, c], resampling at every level (stable, biased).
     Resampling decisions are per batch item: one item's degenerate weights never resample another's.
+    localize "off" | "blocks": "blocks" is block-local resampling (the block particle filter, Rebeschini &
+    van Handel 2015; :mod:`.localize`): the FK weights are kept per block of ``block_size``×``block_size``
+    pixels over all channels (frames too) from the per-element FK numerators, each block whose ESS drops
+    below ``ess_threshold``·L picks its own ancestors, the new particle is stitched from its blocks and
+    re-evaluated (one model call per level with a block resampling, counted), and every block is resampled
+    at the last level, so the output weights are equal. Judges stay global. Biased where structure crosses
+    block borders (docs/sampler_high_dimension.md); the collapse guard is not used then.
     Returns (B, ...) for argmax / sample, (B·L, ...) item-major for resample / all.
     """
     _check_options(particles, mcmc_steps, mcmc, fk_correction, weighting, tempering, resampling, ess_threshold,
                    resample_every, selection, step_scale, eta, sigmas, x)
     schedule = _resampling_schedule(resample_at, len(sigmas))
     _check_new_options(proposal, trace, trace_probes, guard, guard_diversity, guard_dims, fk_clip)
+    _check_localize(localize, block_size, fk_clip, weighting, judges)
     extra_args = dict(extra_args or {})
     param = canonical_parameterization(parameterization or getattr(model, "parameterization", None) or "eps")
     flow = is_flow(param)
@@ -491,7 +522,8 @@ def sample_poe_smc(
                           adapt_step=adapt_step, fk_correction=fk_correction, weighting=weighting, resampling=resampling,
                           ess_threshold=ess_threshold, twist=twist, selection=selection, seed=seed, proposal=proposal,
                           trace=trace, trace_probes=trace_probes, guard=guard,
-                          guard_diversity=guard_diversity, guard_dims=guard_dims, fk_clip=fk_clip)
+                          guard_diversity=guard_diversity, guard_dims=guard_dims, fk_clip=fk_clip,
+                          localize=localize, block_size=block_size)
     if schedule is not None or final_correction:
         report.options.update(resample_at=None if schedule is None else sorted(schedule),
                               final_correction=final_correction)
@@ -612,6 +644,14 @@ def sample_poe_smc(
     twisting = twist and any(j.differentiable for j in judges)
     move_correction = torch.zeros(N, dtype=torch.float64, device=x.device)
     c_step = float(step_scale)
+    # block-local resampling: FK log-weights per block (L, B, K), from the per-element FK numerators
+    localized = localize == "blocks" and fk_correction != "off" and L > 1
+    blk_w, elem_prev = None, None
+    report.block_resampled, report.block_ess_min = [], []
+    if localized:
+        blk_idx, n_blocks = block_index(tuple(x.shape[1:]), block_size)
+        blk_w = torch.zeros(L, B, n_blocks, dtype=torch.float64)
+        report.blocks = n_blocks
 
     for i in range(n_levels):
         # ---- weights for arriving at level i -----------------------------------------------------
@@ -625,6 +665,13 @@ def sample_poe_smc(
                 # first move of a flow model from σ = 1 (σ_ve = ∞): ∫ num/σ⁴ d(σ²) over [σ_1, ∞) with num
                 # at its σ_1 value (num tends to a constant as σ → ∞ for the Λ-aware weights)
                 inc = fk_increment(num, num, math.inf, sig_ve[i]).reshape(L, B).cpu()
+            if inc is not None and localized:
+                # the FK increment is a sum over elements (num = Σ_j elem_j): each block gets its own elements'
+                # share; the global weights keep the judges and move corrections only
+                first = math.isinf(sig_ve[i - 1])
+                e_inc = fk_increment(elem if first else elem_prev, elem, sig_ve[i - 1], sig_ve[i])
+                blk_w += block_sums(e_inc, blk_idx, n_blocks).reshape(L, B, n_blocks).cpu()
+                inc = None
             if inc is not None:
                 if fk_clip is not None:
                     inc = (inc - inc.mean(0, keepdim=True)).clamp(-fk_clip, fk_clip)
@@ -648,6 +695,35 @@ def sample_poe_smc(
             pot_prev = pot
             if final and final_correction and weighting in ("paper", "max", "sum"):
                 replace_term = pot.reshape(L, B).cpu() - used_potential
+        if localized and y is not None:
+            # ---- block-local resampling (block particle filter): each block with a low ESS picks its own
+            # ancestors; at the last level every block with unequal weights, so the output weights are equal
+            ess_blk = block_ess(blk_w)
+            report.block_ess_min.append(float(ess_blk.min()) / L)
+            if final:
+                need_blk = (blk_w != blk_w[:1]).any(0)
+            elif schedule is None and i % resample_every != 0:
+                need_blk = torch.zeros_like(ess_blk, dtype=torch.bool)
+            else:
+                need_blk = ess_blk < ess_threshold * L
+            report.block_resampled.append(need_blk)
+            if bool(need_blk.any()):
+                anc_blk, dz = block_resample(blk_w, need_blk, resampling, gen)
+                log_z += dz
+                blk_w = blk_w * (~need_blk)[None].to(torch.float64)
+                y = stitch(y, anc_blk, blk_idx)
+                # a network's prediction for a stitched image is not the stitch of its predictions: evaluate again
+                if sig_ve[i] > 0:
+                    calls_before = evaluator.calls
+                    ev = evaluator(y, sig_ve[i])
+                    D, num, X0, elem = ev.D, ev.num, ev.x0, ev.elem
+                    report.block_refresh_calls += evaluator.calls - calls_before
+                else:
+                    D, X0 = y, y
+                if use_judges and active[i]:  # incremental weighting: the judge term follows the stitched state
+                    pot = potential(X0, y, i)
+                    log_w += (pot - pot_prev).reshape(L, B).cpu()
+                    pot_prev = pot
         total_w = log_w + replace_term
         report.ess.append(effective_sample_size(total_w))
         report.sigmas.append(sig_native[i])
@@ -727,8 +803,8 @@ def sample_poe_smc(
 
         # ---- MCMC at level i -----------------------------------------------------------------------
         if mcmc_steps > 0 and y is not None and sig_native[i] > 0:
-            y, D, num, X0, pot_prev, rate = _mcmc_sweep(
-                evaluator, y, D, num, X0, pot_prev, sig_ve[i], mcmc_steps, mcmc, c_step, noise_like, gen,
+            y, D, num, X0, pot_prev, rate, elem = _mcmc_sweep(
+                evaluator, y, D, num, X0, pot_prev, sig_ve[i], mcmc_steps, mcmc, c_step, noise_like, gen, elem=elem,
                 tilt=(lambda D_, y_, i_=i: potential(D_, y_, i_)) if (use_judges and active[i] and weighting == "incremental") else None,
                 twist=(lambda y_, i_=i: twist_grad(y_, i_)) if (twisting and active[i]) else None,
             )
@@ -765,7 +841,7 @@ def sample_poe_smc(
                 y_new = mean
         else:
             y_new = mean + up_t * noise_like(mean) if up > 0 else mean
-        num_prev = num
+        num_prev, elem_prev = num, elem
         y, eps_hat = y_new, None
         if s_to == 0:
             D, X0, num = y, y, torch.zeros(N, dtype=torch.float64, device=x.device)
@@ -804,7 +880,8 @@ def sample_poe_smc(
     return out_nat[flat.to(out_nat.device)]
 
 
-def _mcmc_sweep(evaluator, y, D, num, x0, pot, s_ve, steps, kind, step_scale, noise_like, gen, tilt=None, twist=None):
+def _mcmc_sweep(evaluator, y, D, num, x0, pot, s_ve, steps, kind, step_scale, noise_like, gen, tilt=None, twist=None,
+                elem=None):
     """K Langevin steps at fixed σ targeting π_σ (· exp(potential) when ``tilt`` is given).
 
     ULA: y' = y + (κ²/2) S(y) + κ z with κ² = c σ² (Zhang et al. 2025, Algorithm 1 step b).
@@ -819,11 +896,11 @@ def _mcmc_sweep(evaluator, y, D, num, x0, pot, s_ve, steps, kind, step_scale, no
     for _ in range(steps):
         prop = y + 0.5 * kappa2 * drift + kappa * noise_like(y)
         ev = evaluator(prop, s_ve)
-        D_p, num_p, x0_p = ev.D, ev.num, ev.x0
+        D_p, num_p, x0_p, elem_p = ev.D, ev.num, ev.x0, ev.elem
         score_p = (D_p - prop) / s_ve**2
         drift_p = score_p + twist(prop) if twist is not None else score_p
         if kind == "ula":
-            y, D, num, x0, score, drift = prop, D_p, num_p, x0_p, score_p, drift_p
+            y, D, num, x0, score, drift, elem = prop, D_p, num_p, x0_p, score_p, drift_p, elem_p
             accepted += 1.0
             continue
         pot_p = tilt(x0_p, prop) if tilt is not None else pot
@@ -840,13 +917,15 @@ def _mcmc_sweep(evaluator, y, D, num, x0, pot, s_ve, steps, kind, step_scale, no
         score = torch.where(m, score_p, score)
         drift = torch.where(m, drift_p, drift)
         num = torch.where(acc, num_p, num)
+        if elem is not None and elem_p is not None:  # per-element FK numerators (guard, block weights) follow the state
+            elem = torch.where(acc[:, None], elem_p, elem)
         pot = torch.where(acc, pot_p, pot)
         accepted += acc.double().mean().item()
     if kind == "ula" and tilt is not None and twist is not None:
         # twisted ULA targets π_σ·exp(potential) (approximately): the next difference potential
         # must start from the moved state. Untwisted ULA keeps the stale value, which telescopes.
         pot = tilt(x0, y)
-    return y, D, num, x0, pot, accepted / steps
+    return y, D, num, x0, pot, accepted / steps, elem
 
 
 def _resampling_schedule(resample_at, n_levels: int) -> Optional[set]:
@@ -864,6 +943,20 @@ def _resampling_schedule(resample_at, n_levels: int) -> Optional[set]:
 PROPOSALS = ("lambda", "summed")
 TRACES = ("auto", "exact", "hutchinson", "off")
 GUARDS = ("fallback", "off")
+LOCALIZE = ("off", "blocks")
+
+
+def _check_localize(localize, block_size, fk_clip, weighting, judges):
+    if localize not in LOCALIZE:
+        raise ValueError(f"localize must be one of {LOCALIZE}, got {localize!r}")
+    if not (isinstance(block_size, int) and block_size >= 1):
+        raise ValueError(f"block_size must be an integer >= 1 (tile side in latent pixels), got {block_size!r}")
+    if localize == "blocks" and fk_clip is not None:
+        raise ValueError('localize="blocks" keeps FK weights per block; fk_clip (centred, clipped global increments) '
+                         'cannot be combined with it: set fk_clip=None or localize="off"')
+    if localize == "blocks" and judges and weighting in ("paper", "max", "sum"):
+        raise ValueError(f'localize="blocks" with judges needs weighting="incremental" (got {weighting!r}): the '
+                         "judge term of a stitched particle is re-evaluated as a difference potential")
 
 
 def _check_new_options(proposal, trace, trace_probes, guard, guard_diversity, guard_dims, fk_clip):
