@@ -64,6 +64,8 @@ METHODS = {
     "blocks 4": dict(localize="blocks", block_size=4),
     "blocks 16": dict(localize="blocks", block_size=16),
     "blocks hutchinson": dict(localize="blocks", trace="hutchinson"),
+    "blocks guard 8": dict(localize="blocks", block_guard_dims=8.0),
+    "blocks guard 64": dict(localize="blocks", block_guard_dims=64.0),
 }
 MAIN_METHODS = ("naive", "naive Λ-aware", "fk summed (old default)", "fk summed clip±1", "fk Λ exact", "default",
                 "default hutchinson")

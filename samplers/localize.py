@@ -80,3 +80,19 @@ def stitch(t: torch.Tensor, anc: torch.Tensor, index: torch.Tensor) -> torch.Ten
     flat = t.reshape(L, B, -1)
     idx = anc.to(flat.device)[:, :, index.to(flat.device)]  # (L, B, d)
     return torch.gather(flat, 0, idx).reshape(t.shape)
+
+
+def diversity_kept(ess: torch.Tensor, particles: int) -> torch.Tensor:
+    """Share of the population's diversity a resampling keeps: n effective independent draws keep 1 − 1/n of
+    the variance, so (1 − 1/ESS) / (1 − 1/L), in [0, 1]."""
+    return ((1.0 - 1.0 / ess) / (1.0 - 1.0 / particles)).clamp(0.0, 1.0)
+
+
+def block_participation(elem: torch.Tensor, particles: int, index: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """How many elements of each block carry the spread of its FK weights across particles: the participation
+    ratio (Σ_j v_j)² / Σ_j v_j² over the block's elements of v_j = Var_particles(elem_j). ``elem`` is the
+    per-element FK numerator, particle-major (L·B, d); returns (B, K)."""
+    v = elem.reshape(particles, -1, elem[0].numel()).to(torch.float64).var(0)  # (B, d)
+    s1 = block_sums(v, index, n_blocks)
+    s2 = block_sums(v * v, index, n_blocks)
+    return (s1 * s1 / s2.clamp_min(1e-300)).cpu()

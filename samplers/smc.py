@@ -34,7 +34,7 @@ import torch
 
 from ..experts.base import DiscriminativeExpert, canonical_parameterization, evaluate_potentials, is_flow, sigma_to_ve
 from ..experts.generative import POE_CAPTURE_KEY, PoECapture
-from .localize import block_ess, block_index, block_resample, block_sums, stitch
+from .localize import block_ess, block_index, block_participation, block_resample, block_sums, diversity_kept, stitch
 from .resampling import RESAMPLING_SCHEMES, effective_sample_size, log_mean_weight, normalized_log_weights, resample_indices
 
 FK_MODES = ("full", "product", "off")
@@ -84,6 +84,7 @@ class SMCReport:
     block_resampled: list = field(default_factory=list)  # per level: (B, K) bool, which blocks were resampled
     block_ess_min: list = field(default_factory=list)  # per level: min over items and blocks of block ESS / L
     block_refresh_calls: int = 0  # of model_calls_per_particle, spent re-evaluating stitched particles
+    block_guard: list = field(default_factory=list)  # per-block guard firings: dict(level, sigma, item, blocks)
 
     def block_resample_counts(self) -> list:
         """Per batch item: block resamplings summed over levels and blocks."""
@@ -128,7 +129,15 @@ class SMCReport:
                 f"{' '.join(str(c) for c in per_item)} block resamplings per item, min block ESS/L "
                 f"{min(self.block_ess_min) if self.block_ess_min else 1.0:.3f}; every block resampled at the last "
                 f"level (equal output weights); {self.block_refresh_calls} model calls per particle re-evaluated "
-                "stitched particles; the FK weights are per block, so the collapse guard is not used")
+                "stitched particles")
+            if opts.get("guard") == "fallback":
+                dropped = {}
+                for e in self.block_guard:
+                    dropped[e["item"]] = dropped.get(e["item"], 0) + e["blocks"]
+                lines.append("block collapse guard: " + ("; ".join(
+                    f"item {b}: FK weights of {n} of {self.blocks} blocks dropped (spread over more than "
+                    f"{opts.get('block_guard_dims')} elements of the block, or too little diversity left), those blocks "
+                    "continue unweighted" for b, n in sorted(dropped.items())) if dropped else "did not fire"))
         elif self.guard_events:
             lines += ["COLLAPSE GUARD FIRED: " + e["action"] for e in self.guard_events]
         elif opts.get("guard") == "fallback":
@@ -456,6 +465,7 @@ def sample_poe_smc(
     fk_clip: Optional[float] = None,
     localize: str = "off",
     block_size: int = 8,
+    block_guard_dims: float = 16.0,
 ) -> torch.Tensor:
     """Sample a product of experts with SMC; k-diffusion signature (ComfyUI KSAMPLER wraps it as is).
 
@@ -502,14 +512,17 @@ def sample_poe_smc(
     below ``ess_threshold``·L picks its own ancestors, the new particle is stitched from its blocks and
     re-evaluated (one model call per level with a block resampling, counted), and every block is resampled
     at the last level, so the output weights are equal. Judges stay global. Biased where structure crosses
-    block borders (docs/sampler_high_dimension.md); the collapse guard is not used then.
+    block borders (docs/sampler_high_dimension.md). The collapse guard (``guard``) then works per block: a
+    block whose weights' spread lies on more than ``block_guard_dims`` of its elements (measured: 16 keeps
+    a block's real correction and drops noise; 64 let CFG's noise through), or whose resampling would leave
+    less than ``guard_diversity`` of its diversity, keeps its lineage and continues unweighted.
     Returns (B, ...) for argmax / sample, (B·L, ...) item-major for resample / all.
     """
     _check_options(particles, mcmc_steps, mcmc, fk_correction, weighting, tempering, resampling, ess_threshold,
                    resample_every, selection, step_scale, eta, sigmas, x)
     schedule = _resampling_schedule(resample_at, len(sigmas))
     _check_new_options(proposal, trace, trace_probes, guard, guard_diversity, guard_dims, fk_clip)
-    _check_localize(localize, block_size, fk_clip, weighting, judges)
+    _check_localize(localize, block_size, block_guard_dims, fk_clip, weighting, judges)
     extra_args = dict(extra_args or {})
     param = canonical_parameterization(parameterization or getattr(model, "parameterization", None) or "eps")
     flow = is_flow(param)
@@ -523,7 +536,7 @@ def sample_poe_smc(
                           ess_threshold=ess_threshold, twist=twist, selection=selection, seed=seed, proposal=proposal,
                           trace=trace, trace_probes=trace_probes, guard=guard,
                           guard_diversity=guard_diversity, guard_dims=guard_dims, fk_clip=fk_clip,
-                          localize=localize, block_size=block_size)
+                          localize=localize, block_size=block_size, block_guard_dims=block_guard_dims)
     if schedule is not None or final_correction:
         report.options.update(resample_at=None if schedule is None else sorted(schedule),
                               final_correction=final_correction)
@@ -647,10 +660,12 @@ def sample_poe_smc(
     # block-local resampling: FK log-weights per block (L, B, K), from the per-element FK numerators
     localized = localize == "blocks" and fk_correction != "off" and L > 1
     blk_w, elem_prev = None, None
-    report.block_resampled, report.block_ess_min = [], []
+    report.block_resampled, report.block_ess_min, report.block_guard = [], [], []
     if localized:
         blk_idx, n_blocks = block_index(tuple(x.shape[1:]), block_size)
         blk_w = torch.zeros(L, B, n_blocks, dtype=torch.float64)
+        blk_on = torch.ones(B, n_blocks, dtype=torch.bool)  # blocks whose FK weights the guard has not dropped
+        blk_retained = torch.ones(B, n_blocks, dtype=torch.float64)
         report.blocks = n_blocks
 
     for i in range(n_levels):
@@ -670,7 +685,7 @@ def sample_poe_smc(
                 # share; the global weights keep the judges and move corrections only
                 first = math.isinf(sig_ve[i - 1])
                 e_inc = fk_increment(elem if first else elem_prev, elem, sig_ve[i - 1], sig_ve[i])
-                blk_w += block_sums(e_inc, blk_idx, n_blocks).reshape(L, B, n_blocks).cpu()
+                blk_w += block_sums(e_inc, blk_idx, n_blocks).reshape(L, B, n_blocks).cpu() * blk_on[None]
                 inc = None
             if inc is not None:
                 if fk_clip is not None:
@@ -706,6 +721,19 @@ def sample_poe_smc(
                 need_blk = torch.zeros_like(ess_blk, dtype=torch.bool)
             else:
                 need_blk = ess_blk < ess_threshold * L
+            if guard == "fallback" and bool(need_blk.any()) and elem is not None:
+                # the collapse guard, per block: a block whose weights' spread lies on more than guard_dims of its
+                # elements, or whose resampling would leave less than guard_diversity of its diversity, is not
+                # resampled; its FK weights are dropped and off from here (that block continues unweighted)
+                keep_blk = diversity_kept(ess_blk, L)
+                wide = block_participation(elem, L, blk_idx, n_blocks) > block_guard_dims
+                fire = blk_on & need_blk & ((blk_retained * keep_blk < guard_diversity) | wide)
+                if bool(fire.any()):
+                    blk_on, need_blk = blk_on & ~fire, need_blk & ~fire
+                    blk_w = blk_w * (~fire)[None].to(torch.float64)
+                    for b in torch.nonzero(fire.any(1)).flatten().tolist():
+                        report.block_guard.append(dict(level=i, sigma=sig_native[i], item=b, blocks=int(fire[b].sum())))
+                blk_retained = torch.where(need_blk, blk_retained * keep_blk, blk_retained)
             report.block_resampled.append(need_blk)
             if bool(need_blk.any()):
                 anc_blk, dz = block_resample(blk_w, need_blk, resampling, gen)
@@ -946,11 +974,13 @@ GUARDS = ("fallback", "off")
 LOCALIZE = ("off", "blocks")
 
 
-def _check_localize(localize, block_size, fk_clip, weighting, judges):
+def _check_localize(localize, block_size, block_guard_dims, fk_clip, weighting, judges):
     if localize not in LOCALIZE:
         raise ValueError(f"localize must be one of {LOCALIZE}, got {localize!r}")
     if not (isinstance(block_size, int) and block_size >= 1):
         raise ValueError(f"block_size must be an integer >= 1 (tile side in latent pixels), got {block_size!r}")
+    if not block_guard_dims > 0:
+        raise ValueError(f"block_guard_dims must be positive, got {block_guard_dims!r}")
     if localize == "blocks" and fk_clip is not None:
         raise ValueError('localize="blocks" keeps FK weights per block; fk_clip (centred, clipped global increments) '
                          'cannot be combined with it: set fk_clip=None or localize="off"')
