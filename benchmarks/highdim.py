@@ -60,12 +60,13 @@ METHODS = {
     "default": dict(),
     "default hutchinson": dict(trace="hutchinson"),
     "default guard 0.5": dict(guard_diversity=0.5),
-    "blocks": dict(localize="blocks"),
-    "blocks 4": dict(localize="blocks", block_size=4),
-    "blocks 16": dict(localize="blocks", block_size=16),
+    "blocks": dict(localize="blocks"),  # 4×4 tiles × all channels, block guard at 4 elements (the engine's defaults)
     "blocks hutchinson": dict(localize="blocks", trace="hutchinson"),
-    "blocks guard 8": dict(localize="blocks", block_guard_dims=8.0),
-    "blocks guard 64": dict(localize="blocks", block_guard_dims=64.0),
+    "blocks 4 guard 8": dict(localize="blocks", block_size=4, block_guard_dims=8.0),
+    "blocks 8 guard 16": dict(localize="blocks", block_size=8, block_guard_dims=16.0),
+    "blocks 8 guard 64": dict(localize="blocks", block_size=8, block_guard_dims=64.0),
+    "blocks 8 guard 8": dict(localize="blocks", block_size=8, block_guard_dims=8.0),
+    "blocks 16 guard 16": dict(localize="blocks", block_size=16, block_guard_dims=16.0),
 }
 MAIN_METHODS = ("naive", "naive Λ-aware", "fk summed (old default)", "fk summed clip±1", "fk Λ exact", "default",
                 "default hutchinson")
