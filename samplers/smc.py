@@ -127,7 +127,7 @@ class SMCReport:
                 f"block-local resampling ({opts.get('block_size')}×{opts.get('block_size')} tiles × all channels, "
                 f"{self.blocks} blocks per item): blocks resampled at {levels} levels, "
                 f"{' '.join(str(c) for c in per_item)} block resamplings per item, min block ESS/L "
-                f"{min(self.block_ess_min) if self.block_ess_min else 1.0:.3f}; every block resampled at the last "
+                f"{min(self.block_ess_min) if self.block_ess_min else 1.0:.3f}; every weighted block resampled at the last "
                 f"level (equal output weights); {self.block_refresh_calls} model calls per particle re-evaluated "
                 "stitched particles")
             if opts.get("guard") == "fallback":
@@ -774,7 +774,7 @@ def sample_poe_smc(
             # the item's FK weights are dropped and switched off from here (checked before resampling)
             fk_ess = effective_sample_size(fk_w)
             # a population of n effective independent draws keeps (1 − 1/n) of the variance
-            keep = ((1.0 - 1.0 / fk_ess) / (1.0 - 1.0 / L)).clamp(0.0, 1.0)
+            keep = diversity_kept(fk_ess, L)
             if guard == "fallback" and fk_clip is None:
                 dims = torch.zeros(B, dtype=torch.float64)
                 if elem is not None:  # participation ratio of the elements in the weights' spread across particles
