@@ -748,9 +748,12 @@ def sample_poe_smc(
                     report.block_refresh_calls += evaluator.calls - calls_before
                 else:
                     D, X0 = y, y
-                if use_judges and active[i]:  # incremental weighting: the judge term follows the stitched state
+                if use_judges and active[i] and (weighting == "incremental" or final):
+                    # the judge term follows the stitched state (difference potentials; at the last level the
+                    # final potentials are those of the stitched samples)
                     pot = potential(X0, y, i)
-                    log_w += (pot - pot_prev).reshape(L, B).cpu()
+                    if weighting == "incremental":
+                        log_w += (pot - pot_prev).reshape(L, B).cpu()
                     pot_prev = pot
         total_w = log_w + replace_term
         report.ess.append(effective_sample_size(total_w))
