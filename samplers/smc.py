@@ -510,8 +510,8 @@ def sample_poe_smc(
     van Handel 2015; :mod:`.localize`): the FK weights are kept per block of ``block_size``×``block_size``
     pixels over all channels (frames too) from the per-element FK numerators, each block whose ESS drops
     below ``ess_threshold``·L picks its own ancestors, the new particle is stitched from its blocks and
-    re-evaluated (one model call per level with a block resampling, counted), and every block is resampled
-    at the last level, so the output weights are equal. Judges stay global. Biased where structure crosses
+    re-evaluated (one model call per level with a block resampling, counted), and every block whose weights
+    are unequal is resampled at the last level, so the output weights are equal. Judges stay global. Biased where structure crosses
     block borders (docs/sampler_high_dimension.md). The collapse guard (``guard``) then works per block: a
     block whose weights' spread lies on more than ``block_guard_dims`` of its elements, or whose resampling
     would leave less than ``guard_diversity`` of its diversity, keeps its lineage and continues unweighted
@@ -680,10 +680,10 @@ def sample_poe_smc(
                 # first move of a flow model from σ = 1 (σ_ve = ∞): ∫ num/σ⁴ d(σ²) over [σ_1, ∞) with num
                 # at its σ_1 value (num tends to a constant as σ → ∞ for the Λ-aware weights)
                 inc = fk_increment(num, num, math.inf, sig_ve[i]).reshape(L, B).cpu()
-            if inc is not None and localized:
+            first = math.isinf(sig_ve[i - 1])
+            if inc is not None and localized and elem is not None and (first or elem_prev is not None):
                 # the FK increment is a sum over elements (num = Σ_j elem_j): each block gets its own elements'
                 # share; the global weights keep the judges and move corrections only
-                first = math.isinf(sig_ve[i - 1])
                 e_inc = fk_increment(elem if first else elem_prev, elem, sig_ve[i - 1], sig_ve[i])
                 blk_w += block_sums(e_inc, blk_idx, n_blocks).reshape(L, B, n_blocks).cpu() * blk_on[None]
                 inc = None
@@ -722,7 +722,7 @@ def sample_poe_smc(
             else:
                 need_blk = ess_blk < ess_threshold * L
             if guard == "fallback" and bool(need_blk.any()) and elem is not None:
-                # the collapse guard, per block: a block whose weights' spread lies on more than guard_dims of its
+                # the collapse guard, per block: a block whose weights' spread lies on more than block_guard_dims of its
                 # elements, or whose resampling would leave less than guard_diversity of its diversity, is not
                 # resampled; its FK weights are dropped and off from here (that block continues unweighted)
                 keep_blk = diversity_kept(ess_blk, L)

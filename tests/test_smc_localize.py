@@ -148,6 +148,19 @@ def test_judges_still_steer_with_block_resampling():
     assert torch.isfinite(rep.log_z).all()
 
 
+def test_a_plain_model_runs_with_blocks_and_nothing_is_resampled():
+    """A model without per-expert predictions (no FK weights): localize="blocks" is a no-op, not an error."""
+    class Plain:
+        def __call__(self, x, sigma, **kw):
+            return x / (1 + sigma.reshape((-1,) + (1,) * (x.ndim - 1)) ** 2)
+
+    rep = SMCReport()
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80
+    out = sample_poe_smc(Plain(), x, karras_sigmas(10, 0.002, 80.0), particles=4, selection="all", seed=0, report=rep,
+                         localize="blocks")
+    assert out.shape == (4, 4, 8, 8) and sum(rep.block_resample_counts()) == 0
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(localize="tiles"), "localize"),
     (dict(localize="blocks", block_size=0), "block_size"),
