@@ -60,8 +60,10 @@ METHODS = {
     "default": dict(),
     "default hutchinson": dict(trace="hutchinson"),
     "default guard 0.5": dict(guard_diversity=0.5),
-    "blocks": dict(localize="blocks"),  # 4×4 tiles × all channels, block guard at 4 elements (the engine's defaults)
+    "blocks": dict(localize="blocks"),  # tiles of ≤ 64 elements (4×4 × 4 channels), block guard at 4 elements (defaults)
+    "blocks 4": dict(localize="blocks", block_size=4),  # 4×4 tiles whatever the channels (256 elements at 16 channels)
     "blocks hutchinson": dict(localize="blocks", trace="hutchinson"),
+    "blocks 2": dict(localize="blocks", block_size=2),  # 2×2 tiles: 64 elements per block on a 16-channel latent
     "blocks 4 guard 8": dict(localize="blocks", block_size=4, block_guard_dims=8.0),
     "blocks 8 guard 16": dict(localize="blocks", block_size=8, block_guard_dims=16.0),
     "blocks 8 guard 64": dict(localize="blocks", block_size=8, block_guard_dims=64.0),

@@ -34,7 +34,7 @@ import torch
 
 from ..experts.base import DiscriminativeExpert, canonical_parameterization, evaluate_potentials, is_flow, sigma_to_ve
 from ..experts.generative import POE_CAPTURE_KEY, PoECapture
-from .localize import block_ess, block_index, block_participation, block_resample, block_sums, diversity_kept, stitch
+from .localize import auto_block_size, block_ess, block_index, block_participation, block_resample, block_sums, diversity_kept, stitch
 from .resampling import RESAMPLING_SCHEMES, effective_sample_size, log_mean_weight, normalized_log_weights, resample_indices
 
 FK_MODES = ("full", "product", "off")
@@ -464,7 +464,7 @@ def sample_poe_smc(
     guard_dims: float = 64.0,
     fk_clip: Optional[float] = None,
     localize: str = "off",
-    block_size: int = 4,
+    block_size: Optional[int] = None,
     block_guard_dims: float = 4.0,
 ) -> torch.Tensor:
     """Sample a product of experts with SMC; k-diffusion signature (ComfyUI KSAMPLER wraps it as is).
@@ -515,7 +515,8 @@ def sample_poe_smc(
     block borders (docs/sampler_high_dimension.md). The collapse guard (``guard``) then works per block: a
     block whose weights' spread lies on more than ``block_guard_dims`` of its elements, or whose resampling
     would leave less than ``guard_diversity`` of its diversity, keeps its lineage and continues unweighted
-    (defaults 4×4 tiles and 4 elements: the best of the sizes and limits measured at d = 16,384).
+    (``block_size`` None: the tile side whose block holds ≤ 64 elements — 4×4 on a 4-channel SD latent, 2×2
+    on a 16-channel Flux latent; with the limit of 4 elements, the best measured at d = 16,384 and 262,144).
     Returns (B, ...) for argmax / sample, (B·L, ...) item-major for resample / all.
     """
     _check_options(particles, mcmc_steps, mcmc, fk_correction, weighting, tempering, resampling, ess_threshold,
@@ -662,7 +663,9 @@ def sample_poe_smc(
     blk_w, elem_prev = None, None
     report.block_resampled, report.block_ess_min, report.block_guard = [], [], []
     if localized:
-        blk_idx, n_blocks = block_index(tuple(x.shape[1:]), block_size)
+        blk_side = auto_block_size(tuple(x.shape[1:])) if block_size is None else block_size
+        report.options["block_size"] = blk_side
+        blk_idx, n_blocks = block_index(tuple(x.shape[1:]), blk_side)
         blk_w = torch.zeros(L, B, n_blocks, dtype=torch.float64)
         blk_on = torch.ones(B, n_blocks, dtype=torch.bool)  # blocks whose FK weights the guard has not dropped
         blk_retained = torch.ones(B, n_blocks, dtype=torch.float64)
@@ -980,7 +983,7 @@ LOCALIZE = ("off", "blocks")
 def _check_localize(localize, block_size, block_guard_dims, fk_clip, weighting, judges):
     if localize not in LOCALIZE:
         raise ValueError(f"localize must be one of {LOCALIZE}, got {localize!r}")
-    if not (isinstance(block_size, int) and block_size >= 1):
+    if block_size is not None and not (isinstance(block_size, int) and block_size >= 1):
         raise ValueError(f"block_size must be an integer >= 1 (tile side in latent pixels), got {block_size!r}")
     if not block_guard_dims > 0:
         raise ValueError(f"block_guard_dims must be positive, got {block_guard_dims!r}")

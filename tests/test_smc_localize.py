@@ -12,7 +12,7 @@ import torch
 from comfy_poe.benchmarks import highdim
 from comfy_poe.experts import DiscriminativeExpert
 from comfy_poe.samplers import SMCReport, sample_poe_smc
-from comfy_poe.samplers.localize import block_index, block_participation, block_resample, block_sums, stitch
+from comfy_poe.samplers.localize import auto_block_size, block_index, block_participation, block_resample, block_sums, stitch
 from comfy_poe.samplers.schedules import karras_sigmas
 
 
@@ -50,6 +50,7 @@ def test_block_index_tiles_spatial_axes_over_all_channels():
     idx_v, k_v = block_index((16, 3, 20, 20), 8)  # video: frames share the tile too; edge tiles are smaller
     assert k_v == 9 and idx_v.reshape(16, 3, 20, 20)[5, 2, 19, 19] == 8
     idx_1, k_1 = block_index((130,), 8)  # 1-D: runs of b² elements
+    assert auto_block_size((4, 64, 64)) == 4 and auto_block_size((16, 128, 128)) == 2 and auto_block_size((16384,)) == 8
     assert k_1 == 3 and int(idx_1[63]) == 0 and int(idx_1[64]) == 1
     with pytest.raises(ValueError, match="block_size"):
         block_index((4, 8, 8), 0)
