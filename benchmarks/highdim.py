@@ -14,8 +14,10 @@ noise; metrics are computed in the experts' own frame.
 
 Cases: lam2_all (two full-weight experts that differ in every element), lam2_few (identical but for 8
 elements), ratio (p_A p_B / p_base, Λ = 1), cfg (cond 3 / uncond −2), masks_disjoint (two halves),
-masks_soft (masks overlapping in a feathered band: Λ from 1 to 2 there). EPS (Karras σ) and CONST (flow
-σ, shift 3) parameterisations.
+masks_soft (masks overlapping in a feathered band: Λ from 1 to 2 there), global_mode (Λ = 2, each expert a
+mixture of two d-dimensional Gaussians at ±0.25·1 + offsets, the component shared by every element: the
+"upper mode" is a property of the whole latent, judged by the sign of the latent's mean). EPS (Karras σ)
+and CONST (flow σ, shift 3) parameterisations.
 
 Metrics per method, over ``items`` independent batch items of L particles each (the output is the
 weighted particle population, so "calls/output" = model calls per particle):
@@ -24,6 +26,10 @@ weighted particle population, so "calls/output" = model calls per particle):
   mean err   RMS over items and Gaussian elements of (weighted mean − exact) / exact sd
   resamples  mean resampling count per item; min ESS/L over levels and items; guard: items where the
              collapse guard fired.
+  incoh      global_mode only: share of outputs with an 8×8-tile block (all channels) whose mean lies on
+             the other side of the mode boundary than the whole latent's mean (a sample stitched from both
+             modes; exact samples: 0).
+  blk res    localize="blocks": mean block resamplings per item (summed over levels and blocks).
 The "exact" row draws exact samples with the same L and items: its errors are the seed-noise floor.
 """
 from __future__ import annotations
@@ -39,10 +45,11 @@ import torch
 from ..experts import GenerativeExpert, ProductOfExperts
 from ..experts.gmm import DiagonalDenoiser, DiagonalMixture
 from ..samplers import SMCReport, normalized_log_weights, sample_poe_smc
+from ..samplers.localize import block_index
 from ..samplers.schedules import flow_sigmas, karras_sigmas
 
 SHAPES = {16384: (4, 64, 64), 262144: (16, 128, 128)}
-CASES = ("lam2_all", "lam2_few", "ratio", "cfg", "masks_disjoint", "masks_soft")
+CASES = ("lam2_all", "lam2_few", "ratio", "cfg", "masks_disjoint", "masks_soft", "global_mode")
 METHODS = {
     "naive": dict(fk_correction="off", proposal="summed", guard="off"),
     "naive Λ-aware": dict(fk_correction="off", proposal="lambda", guard="off"),
@@ -53,6 +60,15 @@ METHODS = {
     "default": dict(),
     "default hutchinson": dict(trace="hutchinson"),
     "default guard 0.5": dict(guard_diversity=0.5),
+    "blocks": dict(localize="blocks"),  # tiles of ≤ 64 elements (4×4 × 4 channels), block guard at 4 elements (defaults)
+    "blocks 4": dict(localize="blocks", block_size=4),  # 4×4 tiles whatever the channels (256 elements at 16 channels)
+    "blocks hutchinson": dict(localize="blocks", trace="hutchinson"),
+    "blocks 2": dict(localize="blocks", block_size=2),  # 2×2 tiles: 64 elements per block on a 16-channel latent
+    "blocks 4 guard 8": dict(localize="blocks", block_size=4, block_guard_dims=8.0),
+    "blocks 8 guard 16": dict(localize="blocks", block_size=8, block_guard_dims=16.0),
+    "blocks 8 guard 64": dict(localize="blocks", block_size=8, block_guard_dims=64.0),
+    "blocks 8 guard 8": dict(localize="blocks", block_size=8, block_guard_dims=8.0),
+    "blocks 16 guard 16": dict(localize="blocks", block_size=16, block_guard_dims=16.0),
 }
 MAIN_METHODS = ("naive", "naive Λ-aware", "fk summed (old default)", "fk summed clip±1", "fk Λ exact", "default",
                 "default hutchinson")
@@ -92,6 +108,67 @@ class PairRotated:
         return self.rotate(mean), c.reshape(y.shape)
 
 
+class SharedModeMixture:
+    """p(x) = Σ_c π_c Π_j N(x_j; μ_cj, v_cj): a mixture of K d-dimensional diagonal Gaussians whose component
+    is shared by every element (a global mode). Exact denoiser and diag Cov[x0 | y] at any σ: the
+    responsibilities r_c(y) ∝ π_c Π_j N(y_j; μ_cj, v_cj + σ²) depend on the whole latent."""
+
+    def __init__(self, means, variances, weights):
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.vars = torch.as_tensor(variances, dtype=torch.float64)
+        self.log_pi = torch.as_tensor(weights, dtype=torch.float64).log()
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def denoise_and_var(self, y, s_ve):
+        flat = y.reshape(y.shape[0], -1).to(torch.float64)
+        s2 = torch.as_tensor(s_ve, dtype=torch.float64)
+        s2 = (s2.reshape(-1, 1, 1) if s2.ndim else s2) ** 2
+        tot = self.vars[None] + s2  # (N, K, d)
+        diff = flat[:, None] - self.means[None]
+        resp = torch.softmax(self.log_pi[None] - 0.5 * (diff**2 / tot + tot.log()).sum(2), dim=1)[:, :, None]
+        gain = self.vars[None] / tot
+        m = self.means[None] + gain * diff
+        mean = (resp * m).sum(1)
+        var = ((resp * (gain * s2 + m * m)).sum(1) - mean * mean).clamp_min(0)
+        return mean.reshape(y.shape).to(y.dtype), var.reshape(y.shape).to(y.dtype)
+
+
+GLOBAL_M = 0.25  # the modes ±m·1: the mode is decided around σ ≈ 2m√d / (a few) inside the 80 → 0.002 schedule
+GLOBAL_PI = (0.25, 0.75)  # both experts: upper, lower component weights; exact upper mass 0.25² / (0.25² + 0.75²) = 0.1
+
+
+def _global_mode_problem(d, shape, g):
+    """global_mode: two experts A, B, each Σ_± π_± N(±m·1 + δ_k, diag v_k); the exact product is the mixture over
+    component pairs (a, b) with weight π_a π_b Π_j N(μ_aj − μ_bj; 0, v_Aj + v_Bj) and per-element precision
+    1/v_A + 1/v_B (the cross pairs carry ≈ e^{−d·m²/2} of the mass)."""
+    experts, mix = [], []
+    for name in ("A", "B"):
+        delta = 0.5 * torch.randn(d, generator=g, dtype=torch.float64)
+        v = torch.exp(0.4 * torch.randn(d, generator=g, dtype=torch.float64))
+        means = torch.stack([delta + GLOBAL_M, delta - GLOBAL_M])
+        mix.append(SharedModeMixture(means, v.expand(2, d).clone(), GLOBAL_PI))
+        experts.append(GenerativeExpert(DiagonalDenoiser("eps"), mix[-1], name=name))
+    A, B = mix
+    prec = 1.0 / A.vars[0] + 1.0 / B.vars[0]
+    pairs, logw = [], []
+    for a in range(2):
+        for b in range(2):
+            tot = A.vars[a] + B.vars[b]
+            logw.append(float(A.log_pi[a] + B.log_pi[b] - 0.5 * ((A.means[a] - B.means[b]) ** 2 / tot + tot.log()).sum()))
+            pairs.append((A.means[a] / A.vars[a] + B.means[b] / B.vars[b]) / prec)
+    w = torch.softmax(torch.tensor(logw, dtype=torch.float64), 0)
+    centre = torch.stack(pairs)  # (4, d) component means of the product
+    mid = (A.means.mean(0) / A.vars[0] + B.means.mean(0) / B.vars[0]) / prec  # halfway between the ++ and −− means
+    upper = (centre - mid).mean(1) > 0
+    mean = (w[:, None] * centre).sum(0)
+    var = (w[:, None] * (1.0 / prec + centre**2)).sum(0) - mean**2
+    return experts, dict(p_upper=float(w[upper].sum()), mean=mean, var=var, pair_w=w, pair_mean=centre, pair_var=1.0 / prec,
+                         mid=mid)
+
+
 def _mode_mixture(means, variances, weights, d, g_means, g_vars):
     """Element 0: the given 1-D mixture; elements 1..d-1: Gaussians (two identical components)."""
     m = torch.empty(2, d, dtype=torch.float64)
@@ -120,6 +197,7 @@ class Problem:
     grid_cdf: torch.Tensor  # element 0 on GRID
     frame: object  # PairRotated (metrics in the experts' frame) or None
     shape: tuple
+    global_mode: dict = None  # global_mode: the exact product's pairs (weights, means, variance) and the mode boundary
 
 
 def build(case: str, d: int, param: str = "eps", seed: int = 0) -> Problem:
@@ -131,6 +209,12 @@ def build(case: str, d: int, param: str = "eps", seed: int = 0) -> Problem:
     A0, B0 = MODES
     den = DiagonalDenoiser(param)
     rotate = case.startswith("lam2")
+    if case == "global_mode":
+        if param != "eps":
+            raise ValueError("global_mode is built for EPS only")
+        experts, exact = _global_mode_problem(d, shape, g)
+        return Problem(case, ProductOfExperts(experts), exact["p_upper"], exact["mean"], exact["var"], None, None, shape,
+                       exact)
     if case == "lam2_few":
         mB, vB = mA.clone(), vA.clone()
         mB[:8] += 0.5
@@ -190,8 +274,18 @@ def population_metrics(prob: Problem, x: torch.Tensor, log_w: torch.Tensor) -> d
         flat = prob.frame.rotate(flat)
     flat = flat.reshape(items, L, -1)
     w = normalized_log_weights(log_w).exp().T  # (items, L)
-    upper = (w * (flat[:, :, 0] > 0).double()).sum(1)
-    g = flat[:, :, 1:]
+    incoherent = None
+    if prob.global_mode is not None:  # the mode of the whole latent: the sign of its mean (against the boundary)
+        dev = flat - prob.global_mode["mid"][None, None]
+        side = dev.mean(2) > 0
+        upper = (w * side.double()).sum(1)
+        idx, k = block_index(prob.shape, 8)
+        blk = torch.zeros(items, L, k, dtype=torch.float64).index_add_(2, idx, dev) > 0
+        incoherent = float((w * (blk != side[:, :, None]).any(2).double()).sum(1).mean())
+        g = flat
+    else:
+        upper = (w * (flat[:, :, 0] > 0).double()).sum(1)
+        g = flat[:, :, 1:]
     mean = (w[:, :, None] * g).sum(1)
     rel = 1.0 - (w**2).sum(1)  # reliability-weights correction (unbiased for independent particles)
     var = (w[:, :, None] * (g - mean[:, None]) ** 2).sum(1) / rel.clamp_min(1e-12)[:, None]
@@ -202,11 +296,16 @@ def population_metrics(prob: Problem, x: torch.Tensor, log_w: torch.Tensor) -> d
         var_err=float((var / prob.var[None] - 1).mean()),
         var_err_items=(var / prob.var[None] - 1).mean(1).tolist(),
         mean_err=float((((mean - prob.mean[None]) ** 2) / prob.var[None]).mean().sqrt()),
+        incoherent=incoherent,
     )
 
 
 def exact_samples(prob: Problem, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
+    if prob.global_mode is not None:
+        ex = prob.global_mode
+        pair = torch.multinomial(ex["pair_w"], n, replacement=True, generator=g)
+        return ex["pair_mean"][pair] + ex["pair_var"].sqrt()[None] * torch.randn(n, prob.mean.numel(), generator=g, dtype=torch.float64)
     u = torch.rand(n, generator=g, dtype=torch.float64)
     x0 = GRID[torch.searchsorted(prob.grid_cdf, u).clamp_max(GRID.numel() - 1)]
     rest = prob.mean[None] + prob.var.sqrt()[None] * torch.randn(n, prob.mean.numel(), generator=g, dtype=torch.float64)
@@ -219,7 +318,7 @@ def run(prob: Problem, method: str, L: int, items: int, param: str, levels: int,
     if method == "exact":
         x = exact_samples(prob, items * L, seed)
         m = population_metrics(prob, x, torch.zeros(L, items, dtype=torch.float64))
-        return dict(m, resamples=0.0, min_ess=1.0, calls=0, guard=0, wall=time.perf_counter() - t0)
+        return dict(m, resamples=0.0, min_ess=1.0, calls=0, guard=0, block_resamples=0.0, wall=time.perf_counter() - t0)
     opts = dict(METHODS[method])
     flow = param == "const"
     sigmas = flow_sigmas(levels, shift=3.0) if flow else karras_sigmas(levels, 0.002, 80.0)
@@ -232,18 +331,18 @@ def run(prob: Problem, method: str, L: int, items: int, param: str, levels: int,
     counts = rep.resample_counts()
     return dict(m, resamples=sum(counts) / max(len(counts), 1), min_ess=rep.min_ess_fraction(),
                 calls=rep.model_calls_per_particle, guard=len({e["item"] for e in rep.guard_events}),
-                wall=time.perf_counter() - t0)
+                block_resamples=sum(rep.block_resample_counts()) / items, wall=time.perf_counter() - t0)
 
 
-def contract(rows: list, d: int = 16384) -> list:
-    """Point 3 of issue 15 at dimension d: per (case, param, L) the default vs naive.
+def contract(rows: list, d: int = 16384, method: str = "default") -> list:
+    """Point 3 of issue 15 at dimension d: per (case, param, L) ``method`` (the default) vs naive.
 
     never worse: mode err ≤ naive + 2·se and |var err| ≤ |naive| + 2·se (se from the item spread);
-    Λ = 2 (lam2_*): mode err ≤ naive / 2; calls/output ≤ 3× naive."""
-    out = []
+    Λ = 2 (lam2_*): mode err ≤ naive / 2; calls/output ≤ 3× naive; global_mode: incoherent share ≤ naive + 0.05."""
+    out, want = [], method
     keyed = {(r["d"], r["case"], r["param"], r["L"], r["method"]): r for r in rows}
     for (dd, case, param, L, method), r in keyed.items():
-        if dd != d or method != "default":
+        if dd != d or method != want:
             continue
         nv = keyed.get((dd, case, param, L, "naive"))
         if nv is None:
@@ -253,8 +352,10 @@ def contract(rows: list, d: int = 16384) -> list:
         ok_var = abs(r["var_err"]) <= abs(nv["var_err"]) + 2 * se("var_err_items")
         ok_half = (r["mode_err"] <= 0.5 * nv["mode_err"]) if case.startswith("lam2") else True
         ok_calls = r["calls"] <= 3 * nv["calls"]
-        out.append(dict(case=case, param=param, L=L, holds=ok_mode and ok_var and ok_half and ok_calls,
-                        mode=ok_mode, var=ok_var, halves=ok_half, calls=ok_calls))
+        # global_mode: no more samples stitched from both modes than naive's (+0.05)
+        ok_coh = r.get("incoherent") is None or r["incoherent"] <= (nv.get("incoherent") or 0.0) + 0.05
+        out.append(dict(case=case, param=param, L=L, holds=ok_mode and ok_var and ok_half and ok_calls and ok_coh,
+                        mode=ok_mode, var=ok_var, halves=ok_half, calls=ok_calls, coherent=ok_coh))
     return out
 
 
@@ -276,6 +377,8 @@ def main(argv=None):
     ap.add_argument("--float32-above", type=int, default=8192, help="use float32 states above this many elements")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="write every row (with per-item errors) to this file")
+    ap.add_argument("--merge", default="", help="comma-separated JSON files of earlier runs (same seed): their rows join "
+                    "the contract check (e.g. the naive rows), they are not re-run or re-printed")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = ["exact"] + [m for m in args.methods.split(",") if m]
@@ -287,8 +390,9 @@ def main(argv=None):
         if c not in CASES:
             ap.error(f"--cases: unknown {c!r}; choose from {CASES}")
     rows = []
-    print("| d | case | param | L | method | mode err | var err | mean err | resamples | min ESS/L | calls/output | guard | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| d | case | param | L | method | mode err | var err | mean err | resamples | min ESS/L | calls/output | guard "
+          "| blk res | incoh | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for d in [int(v) for v in args.dims.split(",")]:
         dtype = torch.float32 if d > args.float32_above else torch.float64
         for param in args.params.split(","):
@@ -301,14 +405,20 @@ def main(argv=None):
                         rows.append(r)
                         print(f"| {d} | {case} | {param} | {L} | {method} | {r['mode_err']:.3f} | {r['var_err']:+.3f} | "
                               f"{r['mean_err']:.3f} | {r['resamples']:.1f} | {r['min_ess']:.3f} | {r['calls']} | "
-                              f"{r['guard']}/{args.items} | {r['wall']:.1f} |", flush=True)
-    for dd in sorted({r["d"] for r in rows}):
-        res = contract(rows, dd)
+                              f"{r['guard']}/{args.items} | {r['block_resamples']:.0f} | "
+                              f"{'-' if r['incoherent'] is None else format(r['incoherent'], '.3f')} | {r['wall']:.1f} |", flush=True)
+    merged = list(rows)
+    for path in [p for p in args.merge.split(",") if p]:
+        with open(path) as f:
+            merged += [r for r in json.load(f) if (r["d"], r["case"], r["param"], r["L"], r["method"]) not in
+                       {(q["d"], q["case"], q["param"], q["L"], q["method"]) for q in rows}]
+    for dd, method in sorted({(r["d"], r["method"]) for r in rows if r["method"] in ("default", "blocks")}):
+        res = contract(merged, dd, method)
         if res:
-            print(f"\ncontract of issue 15 point 3 at d = {dd} (default vs naive):")
+            print(f"\ncontract of issue 15 point 3 at d = {dd} ({method} vs naive):")
             for c in res:
                 print(f"  {c['case']:15s} {c['param']} L={c['L']}: {'holds' if c['holds'] else 'FAILS'}"
-                      f" (mode {c['mode']}, var {c['var']}, halves {c['halves']}, calls {c['calls']})")
+                      f" (mode {c['mode']}, var {c['var']}, halves {c['halves']}, calls {c['calls']}, coherent {c['coherent']})")
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump(rows, f, indent=1)
