@@ -140,6 +140,25 @@ def ancestral_sigmas(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tu
     return math.sqrt(max(sigma_to**2 - up**2, 0.0)), up
 
 
+def dpmpp_2m_coefficient(s_prev: float, s_from: float, s_to: float, down: float) -> float:
+    """Weight of (D_from − D_prev) in the second-order (multistep) move from σ_from to σ_to (VE coordinates).
+
+    DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2, eq. for x̃_{t_i}; its SDE variant as in k-diffusion's
+    ``sample_dpmpp_2m_sde``, solver "midpoint"): with h = log(σ_from/σ_to), h_last = log(σ_prev/σ_from),
+    r = h_last/h, the data prediction over the step is extrapolated linearly in λ = −log σ from the previous
+    level's prediction, which adds
+        ½ (1 − e^{−(1+η)h}) / r · (D_from − D_prev)
+    to the first-order (ancestral) mean D_from + (σ_down/σ_from)(y − D_from). Here 1 − σ_down/σ_from is the
+    first-order weight of D_from: 1 − e^{−2h} for eta = 1 (the SDE step) and 1 − e^{−h} for eta = 0 (the ODE
+    step), so the formula is Lu et al.'s at both ends. 0 where there is no usable history: the first move,
+    a move from or to a non-positive / infinite σ (the last step to σ = 0 returns D itself).
+    """
+    if s_prev is None or not (0 < s_to < s_from < s_prev) or math.isinf(s_prev):
+        return 0.0
+    h, h_last = math.log(s_from / s_to), math.log(s_prev / s_from)
+    return 0.5 * (1.0 - down / s_from) * h / h_last
+
+
 def fk_consensus(components, y: torch.Tensor):
     """Λ = Σ W_k, the consensus D̄ = Σ W_k D_k / Λ and the spread Σ_k W_k (D_k − D̄)², per element (float64)."""
     lam = torch.zeros_like(y, dtype=torch.float64)
@@ -433,6 +452,7 @@ def sample_poe_smc(
     guard_diversity: float = 0.7,
     guard_dims: float = 64.0,
     fk_clip: Optional[float] = None,
+    step: str = "ancestral",
 ) -> torch.Tensor:
     """Sample a product of experts with SMC; k-diffusion signature (ComfyUI KSAMPLER wraps it as is).
 
@@ -478,7 +498,7 @@ def sample_poe_smc(
     _check_options(particles, mcmc_steps, mcmc, fk_correction, weighting, tempering, resampling, ess_threshold,
                    resample_every, selection, step_scale, eta, sigmas, x)
     schedule = _resampling_schedule(resample_at, len(sigmas))
-    _check_new_options(proposal, trace, trace_probes, guard, guard_diversity, guard_dims, fk_clip)
+    _check_new_options(proposal, trace, trace_probes, guard, guard_diversity, guard_dims, fk_clip, step)
     extra_args = dict(extra_args or {})
     param = canonical_parameterization(parameterization or getattr(model, "parameterization", None) or "eps")
     flow = is_flow(param)
@@ -491,7 +511,7 @@ def sample_poe_smc(
                           adapt_step=adapt_step, fk_correction=fk_correction, weighting=weighting, resampling=resampling,
                           ess_threshold=ess_threshold, twist=twist, selection=selection, seed=seed, proposal=proposal,
                           trace=trace, trace_probes=trace_probes, guard=guard,
-                          guard_diversity=guard_diversity, guard_dims=guard_dims, fk_clip=fk_clip)
+                          guard_diversity=guard_diversity, guard_dims=guard_dims, fk_clip=fk_clip, step=step)
     if schedule is not None or final_correction:
         report.options.update(resample_at=None if schedule is None else sorted(schedule),
                               final_correction=final_correction)
@@ -612,6 +632,9 @@ def sample_poe_smc(
     twisting = twist and any(j.differentiable for j in judges)
     move_correction = torch.zeros(N, dtype=torch.float64, device=x.device)
     c_step = float(step_scale)
+    # step="dpmpp_2m_sde": D_i − D_{i−1} of the prediction the move uses, taken along the last move (before
+    # this level's MCMC, which jumps at fixed σ and says nothing about how D changes with σ); None = no history
+    pred_diff = None
 
     for i in range(n_levels):
         # ---- weights for arriving at level i -----------------------------------------------------
@@ -709,6 +732,7 @@ def sample_poe_smc(
             D, num, X0, pot_prev = D[flat], num[flat], X0[flat], pot_prev[flat]
             y = y[flat] if y is not None else None
             eps_hat = eps_hat[flat] if eps_hat is not None else None
+            pred_diff = pred_diff[flat] if pred_diff is not None else None
             if running is not None:
                 running = running[flat]
             # potentials already paid for at resamplings (FK steering's final correction), per resampled item
@@ -750,6 +774,10 @@ def sample_poe_smc(
             base_mean = X0 + (down / s_from) * (y - X0)
         else:
             base_mean = D + (down / s_from) * (y - D)
+        if pred_diff is not None and y is not None:  # second-order move (dpmpp_2m_coefficient)
+            c2 = dpmpp_2m_coefficient(sig_ve[i - 1], s_from, s_to, down)
+            if c2:
+                base_mean = base_mean + c2 * pred_diff
         mean = base_mean
         move_correction = torch.zeros(N, dtype=torch.float64, device=x.device)
         if twisting and active[i] and y is not None and s_to > 0:
@@ -766,12 +794,15 @@ def sample_poe_smc(
         else:
             y_new = mean + up_t * noise_like(mean) if up > 0 else mean
         num_prev = num
+        pred_from = X0 if lam_prop else D
         y, eps_hat = y_new, None
         if s_to == 0:
             D, X0, num = y, y, torch.zeros(N, dtype=torch.float64, device=x.device)
         else:
             ev = evaluator(y, s_to)
             D, num, X0, elem = ev.D, ev.num, ev.x0, ev.elem
+        use_history = step == "dpmpp_2m_sde" and s_to > 0 and not math.isinf(s_from)
+        pred_diff = (X0 if lam_prop else D) - pred_from if use_history else None
 
     # ---- selection ---------------------------------------------------------------------------------
     final_w = log_w + replace_term
@@ -862,11 +893,14 @@ def _resampling_schedule(resample_at, n_levels: int) -> Optional[set]:
 
 
 PROPOSALS = ("lambda", "summed")
+STEPS = ("ancestral", "dpmpp_2m_sde")
 TRACES = ("auto", "exact", "hutchinson", "off")
 GUARDS = ("fallback", "off")
 
 
-def _check_new_options(proposal, trace, trace_probes, guard, guard_diversity, guard_dims, fk_clip):
+def _check_new_options(proposal, trace, trace_probes, guard, guard_diversity, guard_dims, fk_clip, step="ancestral"):
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
     if proposal not in PROPOSALS:
         raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
     if trace not in TRACES:
