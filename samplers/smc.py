@@ -6,8 +6,10 @@ with intermediate targets π_t(x) ∝ Π_i p_{i,σ_t}(x)^{λ_i} · exp(β_t Σ_j
 
 The sampler works in VE coordinates (y = x0 + σ ε) for every model; flow (CONST) states map exactly
 with y = x / (1-σ), σ_ve = σ / (1-σ) (reference poe_smc.md). One level t of the loop:
-  1. move from σ_{t+1} to σ_t with an ancestral step of the summed-score reverse SDE
-     (eta = 1; eta = 0 is the paper's deterministic Euler step), optionally twisted by ∇ potential;
+  1. move from σ_{t+1} to σ_t with a step of the reverse SDE (eta = 1; eta = 0 is the paper's deterministic
+     Euler step): by default second order, DPM-Solver++(2M)-SDE (``step="dpmpp_2m_sde"``, one model call per
+     level, :func:`dpmpp_2m_coefficient`), or the first-order ancestral step (``step="ancestral"``),
+     optionally twisted by ∇ potential;
   2. weights: the Feynman-Kac corrector increment for the product (Skreta et al. 2025),
          d log w = ½ (‖Σ_k W_k s_k‖² − Σ_k W_k ‖s_k‖²) d(σ²),
      over the raw components s_k (conditional and shared unconditional scores with effective weights
@@ -45,15 +47,17 @@ TEMPERINGS = ("constant", "linear", "capped")
 PRESETS = {
     # Zhang et al. 2025, Algorithm 1: Euler init kernel, ULA, resample every level on the current reward.
     "paper": dict(fk_correction="off", weighting="paper", eta=0.0, mcmc="ula", selection="argmax", tempering="constant",
-                  proposal="summed", guard="off"),
+                  proposal="summed", guard="off", step="ancestral"),
     # Principled default: Feynman-Kac corrector weights for the Λ-aware proposal, difference potentials,
     # ESS-triggered per-item resampling, collapse guard (docs/sampler_high_dimension.md).
     "fk": dict(fk_correction="full", weighting="incremental", eta=1.0, mcmc="mala", selection="auto", tempering="capped",
-               proposal="lambda", trace="auto", guard="fallback"),
+               proposal="lambda", trace="auto", guard="fallback", step="dpmpp_2m_sde"),
     # The FK-corrector paper's sampler as it was the default before: summed-score SDE, no guard (Skreta et al. 2025).
-    "fk_summed": dict(fk_correction="full", weighting="incremental", eta=1.0, proposal="summed", guard="off"),
+    "fk_summed": dict(fk_correction="full", weighting="incremental", eta=1.0, proposal="summed", guard="off",
+                      step="ancestral"),
     # The FK-corrector authors' image recipe: per-level increments centred and clipped, resampling every level.
-    "fkc_clipped": dict(fk_correction="full", weighting="incremental", eta=1.0, proposal="summed", guard="off", fk_clip=1.0),
+    "fkc_clipped": dict(fk_correction="full", weighting="incremental", eta=1.0, proposal="summed", guard="off", fk_clip=1.0,
+                        step="ancestral"),
 }
 
 
@@ -452,7 +456,7 @@ def sample_poe_smc(
     guard_diversity: float = 0.7,
     guard_dims: float = 64.0,
     fk_clip: Optional[float] = None,
-    step: str = "ancestral",
+    step: str = "dpmpp_2m_sde",
 ) -> torch.Tensor:
     """Sample a product of experts with SMC; k-diffusion signature (ComfyUI KSAMPLER wraps it as is).
 
@@ -492,6 +496,15 @@ def sample_poe_smc(
     numerators): a correction spread over that many elements is noise that L particles cannot resolve
     (measured: experts that differ in every element at d ≥ 1,024). fk_clip c: the FK-corrector authors' image recipe, the per-level FK
     increment centred across particles and clipped to [−c, c], resampling at every level (stable, biased).
+    step: "dpmpp_2m_sde" (default) adds ``dpmpp_2m_coefficient · (D_i − D_{i−1})`` to the ancestral mean, D the
+    prediction the move uses (D̄ for the Λ-aware proposal), D_{i−1} the particle's own prediction one level
+    earlier (carried through resampling; the difference is taken along the move, before MCMC). Same one model
+    call per level; one expert's variance error at 60 Karras levels +0.02 instead of the ancestral step's
+    −0.18 (``benchmarks/integrator_bias.py``). The FK weights need no change: the Feynman-Kac rate is a
+    property of the SDE both steps discretise (the trapezoid increment integrates it along the particle's path),
+    and the move stays a Gaussian kernel, so the twist's proposal correction uses the kernel's true mean
+    (the 2M mean). "ancestral": the first-order step (the default before; naive, best-of-N, the presets
+    "paper" / "fk_summed" / "fkc_clipped" and FK steering keep it).
     Resampling decisions are per batch item: one item's degenerate weights never resample another's.
     Returns (B, ...) for argmax / sample, (B·L, ...) item-major for resample / all.
     """
@@ -953,7 +966,7 @@ def sample_naive_composition(model, x, sigmas, extra_args=None, callback=None, d
     return sample_poe_smc(model, x, sigmas, extra_args, callback, disable, particles=1, judges=judges, decode=decode,
                           eta=eta, fk_correction="off", weighting="none", twist=twist, selection="all", seed=seed,
                           report=report, parameterization=parameterization, mcmc_steps=0, tempering="constant",
-                          proposal="summed", guard="off")
+                          proposal="summed", guard="off", step="ancestral")
 
 
 def sample_best_of_n(model, x, sigmas, extra_args=None, callback=None, disable=None, *, n: int = 4, judges=(),
@@ -962,4 +975,4 @@ def sample_best_of_n(model, x, sigmas, extra_args=None, callback=None, disable=N
     return sample_poe_smc(model, x, sigmas, extra_args, callback, disable, particles=n, judges=judges, decode=decode,
                           eta=eta, fk_correction="off", weighting="none", selection="argmax" if judges else "sample",
                           seed=seed, report=report, parameterization=parameterization, mcmc_steps=0,
-                          chunk_size=chunk_size, tempering="constant", proposal="summed", guard="off")
+                          chunk_size=chunk_size, tempering="constant", proposal="summed", guard="off", step="ancestral")
