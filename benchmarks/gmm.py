@@ -5,12 +5,13 @@
 Prints one table: method × model-evaluation budget → sliced-W2 / noise floor, mode-weight error,
 final ESS, wall time, plus the noise-floor row (exact vs exact). Budgets are model calls per particle.
 Methods (all through samplers.sample_poe_smc, so they share every line of the integrator):
-  naive        score-sum composition (Du et al. 2023), one ancestral pass
+  naive        score-sum composition (Du et al. 2023), one ancestral pass (summed score)
   best-of-N    N naive samples, keep the highest reward (tilted targets only)
   paper        Zhang et al. 2025 Algorithm 1: Euler init kernel, ULA, resample on the current reward
   MCMC only    naive + MALA steps per level, no weights
-  FK-SMC ULA   Feynman-Kac corrector weights + ESS resampling + ULA steps
-  FK-SMC MALA  Feynman-Kac corrector weights + ESS resampling + adaptive MALA steps (the default)
+  FK-SMC, engine defaults   sample_poe_smc with no options: Λ-aware proposal, second-order step, no MCMC
+  FK-SMC ULA   the defaults + 2 ULA steps per level (fewer levels, same calls)
+  FK-SMC MALA  the defaults + 2 adaptive MALA steps per level (fewer levels, same calls)
 """
 from __future__ import annotations
 
@@ -43,18 +44,20 @@ def methods(budget: int, tilted: bool):
     """(name, options) at about ``budget`` model calls per particle; MCMC methods trade levels for steps."""
     k = 2
     levels = max(budget // (1 + k), 10)
+    base = dict(proposal="summed", guard="off", step="ancestral")  # the baselines as defined: summed score, ancestral
     out = [
-        ("naive", dict(steps=budget, particles_per_output=1, fk_correction="off", weighting="none")),
+        ("naive", dict(steps=budget, particles_per_output=1, fk_correction="off", weighting="none", **base)),
         ("paper sketch", dict(steps=levels, fk_correction="off", weighting="paper", eta=0.0, mcmc="ula",
-                              mcmc_steps=k, step_scale=0.05, selection="argmax", particles_per_output=8)),
+                              mcmc_steps=k, step_scale=0.05, selection="argmax", particles_per_output=8, **base)),
         ("MCMC only (MALA)", dict(steps=levels, particles_per_output=1, fk_correction="off", weighting="none",
-                                  mcmc_steps=k)),
+                                  mcmc_steps=k, **base)),
+        ("FK-SMC, engine defaults", dict(steps=budget)),
         ("FK-SMC ULA", dict(steps=levels, fk_correction="full", mcmc="ula", mcmc_steps=k, step_scale=0.05)),
         ("FK-SMC MALA", dict(steps=levels, fk_correction="full", mcmc="mala", mcmc_steps=k)),
     ]
     if tilted:
         out.insert(1, ("best-of-8", dict(steps=budget, particles_per_output=8, fk_correction="off",
-                                          weighting="none", selection="argmax")))
+                                          weighting="none", selection="argmax", **base)))
     return out
 
 
