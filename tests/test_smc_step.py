@@ -1,14 +1,14 @@
 """The sampler's second-order move (step="dpmpp_2m_sde"): it is DPM-Solver++(2M) exactly (eta = 0 against the
 published recursion), it removes most of the ancestral step's variance bias for one expert at equal model calls,
-and it keeps the FK weights exact (closed-form log Z)."""
+and it keeps the FK weights exact (the closed-form log Z tests of tests/test_smc.py run with both steps)."""
 import math
 
 import pytest
 import torch
 
 from comfy_poe.benchmarks.integrator_bias import exact_variance_error, sampled_variance_error
-from comfy_poe.experts import GaussianMixture, GenerativeExpert, GMMDenoiser, ProductOfExperts, gaussian_reward
-from comfy_poe.samplers import SMCReport, dpmpp_2m_coefficient, sample_poe_smc
+from comfy_poe.experts import GaussianMixture, GenerativeExpert, GMMDenoiser, ProductOfExperts
+from comfy_poe.samplers import dpmpp_2m_coefficient, sample_poe_smc
 from comfy_poe.samplers.schedules import karras_sigmas
 
 
@@ -64,41 +64,6 @@ def test_second_order_step_removes_most_of_the_one_expert_variance_bias(levels):
     exact_2m = sum(exact_variance_error(levels, v, "dpmpp_2m_sde") for v in (1.0, 0.25, 0.02, 4.0)) / 4
     assert ancestral == pytest.approx(exact_anc, abs=0.02) and second == pytest.approx(exact_2m, abs=0.02)
     assert abs(second) < 0.045 and abs(second) < abs(ancestral) / 2.5, (ancestral, second)
-
-
-@pytest.mark.parametrize("step", ["ancestral", "dpmpp_2m_sde"])
-def test_log_z_of_a_product_of_two_gaussians_is_exact_for_both_steps(step):
-    m1, v1, m2, v2 = 1.0, 0.5, -1.0, 2.0
-    den = GMMDenoiser()
-    model = ProductOfExperts([GenerativeExpert(den, GaussianMixture([[m1]], [v1])),
-                              GenerativeExpert(den, GaussianMixture([[m2]], [v2]))])
-    sigmas = karras_sigmas(200, 0.002, 80.0)
-    rep = SMCReport()
-    x = torch.randn(1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 80.0
-    out = sample_poe_smc(model, x, sigmas, particles=20000, selection="all", seed=0, report=rep, ess_threshold=0.3,
-                         step=step)
-    log_n = lambda d, v: -0.5 * (d * d / v + math.log(2 * math.pi * v))
-    s2 = float(sigmas[0]) ** 2
-    expected = log_n(m1 - m2, v1 + v2) - log_n(m1 - m2, v1 + v2 + 2 * s2)
-    assert float(rep.log_z[0]) == pytest.approx(expected, abs=0.05)
-    w = torch.softmax(rep.final_log_weights[:, 0], 0)
-    mean = float((w[:, None] * out).sum())
-    var = float((w[:, None] * (out - mean) ** 2).sum())
-    v = 1 / (1 / v1 + 1 / v2)
-    assert mean == pytest.approx(v * (m1 / v1 + m2 / v2), abs=0.03) and var == pytest.approx(v, rel=0.06)
-
-
-@pytest.mark.parametrize("step", ["ancestral", "dpmpp_2m_sde"])
-def test_log_z_of_a_reward_tilt_is_exact_for_both_steps(step):
-    den = GMMDenoiser()
-    model = ProductOfExperts([GenerativeExpert(den, GaussianMixture([[0.0]], [1.0]))])
-    w, c = 0.5, 1.5
-    rep = SMCReport()
-    x = torch.randn(1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 80.0
-    sample_poe_smc(model, x, karras_sigmas(60, 0.002, 80.0), particles=20000, judges=[gaussian_reward([c], w)],
-                   selection="all", seed=0, report=rep, step=step)
-    assert float(rep.log_z[0]) == pytest.approx(-0.5 * math.log(1 + 2 * w) - w * c * c / (1 + 2 * w), abs=0.03)
-    assert rep.model_calls_per_particle == 60 and rep.options["step"] == step
 
 
 def test_bad_step_is_refused():
