@@ -96,9 +96,11 @@ def main(argv=None):
     ap.add_argument("--particles", type=positive_int, default=2000, help="particles (= output samples) per method")
     ap.add_argument("--budgets", type=positive_int, nargs="+", default=[60, 150, 300], help="model calls per particle")
     ap.add_argument("--quick", action="store_true", help="one 2-D problem, one budget")
+    ap.add_argument("--dims", type=positive_int, nargs="+", default=[2, 8], help="problem dimensions (2 and/or 8)")
+    ap.add_argument("--methods", nargs="+", default=None, help="only these method names (default: all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    cases = [(2, 0, False), (2, 0, True), (8, 1, False), (8, 1, True)]
+    cases = [c for c in [(2, 0, False), (2, 0, True), (8, 1, False), (8, 1, True)] if c[0] in args.dims]
     budgets = args.budgets
     if args.quick:
         cases, budgets = [(2, 0, False)], [budgets[0]]
@@ -112,6 +114,8 @@ def main(argv=None):
         print(f"| {name} | exact vs exact (noise floor) | – | – | 1.00 | {mode_weight_error(exact.sample(n, torch.Generator().manual_seed(5)), exact):.3f} | – | – |")
         for budget in budgets:
             for label, opts in methods(budget, tilt):
+                if args.methods and label not in args.methods:
+                    continue
                 sw, me, evals, ess, wall = run_method(model, exact, judges, dim, n, opts)
                 print(f"| {name} | {label} | {budget} | {evals:.0f} | {sw / floor:.2f} | {me:.3f} | {ess:.2f} | {wall:.1f} |", flush=True)
 
