@@ -51,13 +51,14 @@ from ..samplers.schedules import flow_sigmas, karras_sigmas
 SHAPES = {16384: (4, 64, 64), 262144: (16, 128, 128)}
 CASES = ("lam2_all", "lam2_few", "ratio", "cfg", "masks_disjoint", "masks_soft", "global_mode")
 METHODS = {
-    "naive": dict(fk_correction="off", proposal="summed", guard="off"),
+    "naive": dict(fk_correction="off", proposal="summed", guard="off", step="ancestral"),
     "naive Λ-aware": dict(fk_correction="off", proposal="lambda", guard="off"),
-    "fk summed (old default)": dict(proposal="summed", guard="off"),
+    "fk summed (old default)": dict(proposal="summed", guard="off", step="ancestral"),
     "fk summed clip±1": dict(proposal="summed", guard="off", fk_clip=1.0),
     "fk Λ exact": dict(proposal="lambda", trace="exact", guard="off"),
     "fk Λ hutchinson": dict(proposal="lambda", trace="hutchinson", guard="off"),
     "default": dict(),
+    "default ancestral": dict(step="ancestral"),
     "default hutchinson": dict(trace="hutchinson"),
     "default guard 0.5": dict(guard_diversity=0.5),
     "blocks": dict(localize="blocks"),  # tiles of ≤ 64 elements (4×4 × 4 channels), block guard at 4 elements (defaults)

@@ -292,9 +292,9 @@ def method_config(method: str, budget: int, best_of: int = 4, paper_particles: i
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-# The demo's measured tables (README) predate the Λ-aware default proposal (issue 15): they keep the
-# summed-score sampler they were measured with.
-SUMMED = dict(proposal="summed", guard="off")
+# The demo's measured tables (README) predate the Λ-aware default proposal and the second-order step
+# (issue 15): they keep the summed-score ancestral sampler they were measured with.
+SUMMED = dict(proposal="summed", guard="off", step="ancestral")
 
 
 @dataclass

@@ -27,7 +27,7 @@ from ..experts.masks import prepare_mask
 from ..samplers.plots import plot_series
 from ..samplers.resampling import RESAMPLING_SCHEMES
 from ..samplers.smc import (
-    FK_MODES, GUARDS, MCMC_KINDS, PROPOSALS, SELECTIONS, TEMPERINGS, TRACES, SMCReport, sample_poe_smc,
+    FK_MODES, GUARDS, MCMC_KINDS, PROPOSALS, SELECTIONS, STEPS, TEMPERINGS, TRACES, SMCReport, sample_poe_smc,
 )
 
 from ._types import PoEExperts, PoEJudges
@@ -277,6 +277,8 @@ def _smc_inputs():
                        tooltip="Posterior-covariance term of the lambda weights where the expert weights do not sum to 1. auto: exact when the model provides it, else a Hutchinson estimate (one extra model call per step, only when weights do not sum to 1); off: drop it (biased)."),
         io.Combo.Input("guard", options=list(GUARDS), default="fallback", optional=True,
                        tooltip="Collapse guard. fallback: when resampling on the FK weights would destroy the particles' diversity, switch the weights off for that image and continue unweighted (the report says so); off: never."),
+        io.Combo.Input("step", options=list(STEPS), default="dpmpp_2m_sde", optional=True,
+                       tooltip="Integrator of the move between levels, one model evaluation per level either way. dpmpp_2m_sde (default): second order, reuses the previous level's prediction (DPM-Solver++(2M) SDE; one expert's variance error at 60 levels +2% instead of -17%); ancestral: first-order Euler-Maruyama step (the old default)."),
     ]
 
 
@@ -287,13 +289,14 @@ def _smc_options(kw: dict) -> dict:
         ess_threshold=kw["ess_threshold"], selection=kw["selection"], eta=kw["eta"],
         judge_window=(kw["judge_sigma_min"], kw["judge_sigma_max"]), tempering=kw["tempering"], twist=kw["twist"],
         chunk_size=kw["chunk_size"] or None, proposal=kw.get("proposal") or "lambda", trace=kw.get("trace") or "auto",
-        guard=kw.get("guard") or "fallback",
+        guard=kw.get("guard") or "fallback", step=kw.get("step") or "dpmpp_2m_sde",
     )
 
 
 def _check_combos(**values) -> bool | str:
     allowed = dict(mcmc=MCMC_KINDS, fk_correction=FK_MODES, weighting=SMC_WEIGHTINGS, resampling=RESAMPLING_SCHEMES,
-                   selection=SELECTIONS, tempering=TEMPERINGS, proposal=PROPOSALS, trace=TRACES, guard=GUARDS)
+                   selection=SELECTIONS, tempering=TEMPERINGS, proposal=PROPOSALS, trace=TRACES, guard=GUARDS,
+                   step=STEPS)
     for name, value in values.items():
         if value is not None and name in allowed and value not in allowed[name]:
             return f"{name}: {value!r} is not one of {', '.join(allowed[name])}"
@@ -379,10 +382,11 @@ class PoESMCSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, mcmc=None, fk_correction=None, weighting=None, resampling=None, selection=None,
-                        tempering=None, judge_sigma_min=None, judge_sigma_max=None, proposal=None, trace=None, guard=None):
+                        tempering=None, judge_sigma_min=None, judge_sigma_max=None, proposal=None, trace=None, guard=None,
+                        step=None):
         return _check_combos(mcmc=mcmc, fk_correction=fk_correction, weighting=weighting, resampling=resampling,
                              selection=selection, tempering=tempering, judge_sigma_min=judge_sigma_min,
-                             judge_sigma_max=judge_sigma_max, proposal=proposal, trace=trace, guard=guard)
+                             judge_sigma_max=judge_sigma_max, proposal=proposal, trace=trace, guard=guard, step=step)
 
     @classmethod
     def execute(cls, judges=None, vae=None, **kw) -> io.NodeOutput:
@@ -425,12 +429,12 @@ class PoESample(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, scheduler=None, mcmc=None, fk_correction=None, weighting=None, resampling=None,
                         selection=None, tempering=None, judge_sigma_min=None, judge_sigma_max=None, proposal=None,
-                        trace=None, guard=None):
+                        trace=None, guard=None, step=None):
         if scheduler is not None and scheduler not in comfy.samplers.SCHEDULER_NAMES:
             return f"scheduler: {scheduler!r} is not one of {', '.join(comfy.samplers.SCHEDULER_NAMES)}"
         return _check_combos(mcmc=mcmc, fk_correction=fk_correction, weighting=weighting, resampling=resampling,
                              selection=selection, tempering=tempering, judge_sigma_min=judge_sigma_min,
-                             judge_sigma_max=judge_sigma_max, proposal=proposal, trace=trace, guard=guard)
+                             judge_sigma_max=judge_sigma_max, proposal=proposal, trace=trace, guard=guard, step=step)
 
     @classmethod
     def execute(cls, experts, latent, seed, steps, scheduler, denoise, judges=None, vae=None, base=None, **kw) -> io.NodeOutput:

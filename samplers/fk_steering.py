@@ -85,7 +85,7 @@ def fk_steering_options(config: FKSteering = FKSteering()) -> dict:
         resample_at=functools.partial(resampling_steps, interval=config.interval, start=config.start, end=config.end),
         final_correction=config.final_correction, resampling=config.resampling, selection=config.selection,
         # the base sampler, unchanged: ancestral (DDPM-like) moves, no MCMC, the reward at full λ at every step
-        eta=1.0, mcmc_steps=0, tempering="constant", twist=False,
+        eta=1.0, mcmc_steps=0, tempering="constant", twist=False, step="ancestral",
     )
 
 
