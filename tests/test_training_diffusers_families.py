@@ -133,12 +133,18 @@ def test_flow_adapter_matches_the_diffusers_pipeline(root, family):
                                   pooled_projections=pooled.expand(2, -1), timestep=s * 1000).sample
         else:
             packed = pipe._pack_latents(x_flow, 2, 16, 8, 8)
+            # the pipeline's own ids: (S, 3), or (B, S, 3) on diffusers < 0.31; releases up to 0.31 take the
+            # latent size and halve it, later ones take the token grid (4×4 tokens of an 8×8 latent)
+            halves = pipe._prepare_latent_image_ids(1, 2, 2, "cpu", torch.float32).shape[-2] == 1
+            image_ids = pipe._prepare_latent_image_ids(2, 8 if halves else 4, 8 if halves else 4, "cpu", torch.float32)
             assert model.denoise_flow(x_flow, s, [cond])[0].shape == x_flow.shape
             v = model.transformer(hidden_states=packed, encoder_hidden_states=embeds.expand(2, -1, -1),
                                   pooled_projections=pooled.expand(2, -1), timestep=s, guidance=torch.full((2,), 3.5),
-                                  txt_ids=torch.zeros(embeds.shape[1], 3),
-                                  img_ids=pipe._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)).sample
-            v = pipe._unpack_latents(v, 16, 16, 2)  # 8×8 latents of a VAE with factor 2 (pixels 16)
+                                  txt_ids=torch.zeros(*image_ids.shape[:-2], embeds.shape[1], 3),
+                                  img_ids=image_ids).sample
+            # 8×8 latents of a VAE with factor 2 (pixels 16); the releases whose id helper halves also divide the
+            # pixel size by the factor of the token grid (2 · 2) here
+            v = pipe._unpack_latents(v, 16, 16, 4 if halves else 2)
     torch.testing.assert_close(denoised, x_flow - s.view(-1, 1, 1, 1) * v, rtol=1e-4, atol=1e-4)
     # the preference losses' flow target is the flow-matching MSE of the diffusers SD3 / Flux training scripts
     losses = denoising_losses(denoised, x0, eps, sigma_ve, "const")

@@ -296,6 +296,23 @@ def flux_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+def flux_position_ids(text_length: int, height: int, width: int, batch: int, device, dtype):
+    """(txt_ids, img_ids) for FluxTransformer2DModel: (S, 3) each, or (B, S, 3) on diffusers < 0.31, whose
+    transformer concatenates them along a batch axis (0.31 dropped the axis and deprecates it)."""
+    txt_ids = torch.zeros(text_length, 3, device=device, dtype=dtype)
+    img_ids = flux_image_ids(height, width, device, dtype)
+    if _diffusers_release() < (0, 31):
+        return txt_ids.expand(batch, -1, -1), img_ids.expand(batch, -1, -1)
+    return txt_ids, img_ids
+
+
+def _diffusers_release() -> tuple:
+    import diffusers
+    from packaging.version import Version
+
+    return Version(diffusers.__version__).release[:2]
+
+
 class DiffusersFlow(nn.Module):
     """Transformer + VAE + text encoders of a diffusers SD3 or Flux folder, as an engine model in VE
     coordinates (see module docstring); ``denoise_flow`` is the same model in its own flow coordinates."""
@@ -373,10 +390,10 @@ class DiffusersFlow(nn.Module):
         h, w = x.shape[-2:]
         guidance = (torch.full((n,), FLUX_TRAINING_GUIDANCE, device=x.device, dtype=dtype)
                     if self.transformer.config.guidance_embeds else None)
+        txt_ids, img_ids = flux_position_ids(context.shape[1], h, w, n, x.device, dtype)
         tokens = self.transformer(hidden_states=pack_flux_latents(x.to(dtype)), encoder_hidden_states=context,
                                   pooled_projections=pooled, timestep=s.to(dtype), guidance=guidance,
-                                  txt_ids=torch.zeros(context.shape[1], 3, device=x.device, dtype=dtype),
-                                  img_ids=flux_image_ids(h, w, x.device, dtype)).sample
+                                  txt_ids=txt_ids, img_ids=img_ids).sample
         return unpack_flux_latents(tokens, h, w)
 
     def denoise_flow(self, x: torch.Tensor, s: torch.Tensor, conds: Sequence) -> list[torch.Tensor]:
