@@ -16,12 +16,7 @@ from comfy_poe.samplers.schedules import flow_sigmas, karras_sigmas
 D = 4096
 L, ITEMS = 16, 4
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _shape_4096():
-    highdim.SHAPES[D] = (4, 32, 32)
-    yield
-    highdim.SHAPES.pop(D, None)
+pytestmark = pytest.mark.usefixtures("highdim_shape_4096")
 
 
 def _pair(case, param="eps", levels=40, **default_opts):
@@ -63,21 +58,8 @@ def test_flow_model_default_beats_naive_and_first_step_is_scaled():
     assert float(rep.ess[1]) / 256 > 0.5 and float(rep.ess[2]) / 256 > 0.5, [float(e) / 256 for e in rep.ess[:4]]
 
 
-class _ItemModel:
-    """Two Λ = 2 experts whose disagreement depends on the particle's state for batch item 0 only (its FK
-    weights degenerate) and is zero for item 1 (its weights stay equal)."""
-
-    parameterization = "eps"
-
-    def denoise(self, x, sigma, conds):
-        item = torch.arange(x.shape[0]) % 2
-        shift = torch.where(item[:, None] == 0, 3.0 * torch.tanh(x.reshape(x.shape[0], -1)), torch.zeros(1)).reshape(x.shape)
-        base = x / (1 + sigma.reshape(-1, 1) ** 2)
-        return [base + shift if c == "a" else base - shift for c in conds]
-
-
-def test_one_degenerate_item_does_not_resample_the_other():
-    den = _ItemModel()
+def test_one_degenerate_item_does_not_resample_the_other(item_model):
+    den = item_model
     model = ProductOfExperts([GenerativeExpert(den, "a"), GenerativeExpert(den, "b")])
     x = torch.randn(2, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80
     rep = SMCReport()

@@ -16,28 +16,10 @@ from comfy_poe.samplers.localize import auto_block_size, block_index, block_part
 from comfy_poe.samplers.schedules import karras_sigmas
 
 
-
-class _ItemModel:
-    """Two Λ = 2 experts whose disagreement depends on the particle's state for batch item 0 only (its FK
-    weights degenerate) and is zero for item 1 (its weights stay equal); any latent shape."""
-
-    parameterization = "eps"
-
-    def denoise(self, x, sigma, conds):
-        item = (torch.arange(x.shape[0]) % 2).reshape((-1,) + (1,) * (x.ndim - 1))
-        shift = torch.where(item == 0, 3.0 * torch.tanh(x), torch.zeros(1))
-        base = x / (1 + sigma.reshape((-1,) + (1,) * (x.ndim - 1)) ** 2)
-        return [base + shift if c == "a" else base - shift for c in conds]
-
 D = 4096
 L, ITEMS = 16, 4
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _shape_4096():
-    highdim.SHAPES[D] = (4, 32, 32)
-    yield
-    highdim.SHAPES.pop(D, None)
+pytestmark = pytest.mark.usefixtures("highdim_shape_4096")
 
 
 def test_block_index_tiles_spatial_axes_over_all_channels():
@@ -116,12 +98,12 @@ def test_blocks_break_a_global_mode():
     assert blocks["incoherent"] >= 0.05, blocks["incoherent"]
 
 
-def test_a_batch_of_two_stays_independent_under_block_resampling():
+def test_a_batch_of_two_stays_independent_under_block_resampling(item_model):
     """Item 0's experts disagree (its block weights degenerate), item 1's agree exactly: item 1 is never
     block-resampled and its particles are exactly those of a run without block resampling."""
     from comfy_poe.experts import GenerativeExpert, ProductOfExperts
 
-    den = _ItemModel()
+    den = item_model
     model = ProductOfExperts([GenerativeExpert(den, "a"), GenerativeExpert(den, "b")])
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80
     rep = SMCReport()

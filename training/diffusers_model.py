@@ -44,6 +44,7 @@ spelling ``transformer.<path>`` (:func:`diffusers_transformer_key`), which Comfy
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -306,7 +307,8 @@ def flux_position_ids(text_length: int, height: int, width: int, batch: int, dev
     return txt_ids, img_ids
 
 
-def _diffusers_release() -> tuple:
+@functools.lru_cache(maxsize=None)
+def _diffusers_release() -> tuple:  # cached: asked on every Flux forward pass
     import diffusers
     from packaging.version import Version
 
